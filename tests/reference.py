@@ -1,0 +1,67 @@
+"""NumPy references of the WCL objective (WCL_SPEC section 1), written for clarity."""
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+
+def l2n(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def nearest_neighbours(v):
+    v = l2n(np.asarray(v, np.float64))
+    sim = v @ v.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argmax(sim, axis=1)  # numpy's argmax takes the first maximum
+
+
+def scipy_components(nn):
+    n = len(nn)
+    graph = coo_matrix((np.ones(n), (np.arange(n), nn)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return labels
+
+
+def same_partition(a, b):
+    """True when label vectors a and b split the rows into the same groups."""
+    a, b = np.asarray(a), np.asarray(b)
+    return bool(np.all((a[:, None] == a[None, :]) == (b[:, None] == b[None, :])))
+
+
+def _log_softmax_row(logits, keep):
+    m = logits[keep].max()
+    return logits - (m + np.log(np.exp(logits[keep] - m).sum()))
+
+
+def instance_loss(z1, z2, tau):
+    n = len(z1)
+    z = np.concatenate([z1, z2]).astype(np.float64)
+    sim = z @ z.T / tau
+    losses = []
+    for i in range(2 * n):
+        keep = np.ones(2 * n, bool)
+        keep[i] = False
+        pos = (i + n) % (2 * n)
+        losses.append(-_log_softmax_row(sim[i], keep)[pos])
+    return float(np.mean(losses))
+
+
+def supcon(v, labels, tau):
+    n = len(v)
+    v = v.astype(np.float64)
+    sim = v @ v.T / tau
+    out = []
+    for i in range(n):
+        keep = np.arange(n) != i
+        logp = _log_softmax_row(sim[i], keep)
+        pos = keep & (labels == labels[i])
+        out.append(-logp[pos].mean())
+    return float(np.mean(out))
+
+
+def wcl_objective(z1, z2, v1, v2, tau=0.1):
+    labels1 = scipy_components(nearest_neighbours(v1))
+    labels2 = scipy_components(nearest_neighbours(v2))
+    graph = 0.5 * (supcon(v1, labels2, tau) + supcon(v2, labels1, tau))
+    return instance_loss(z1, z2, tau), graph

@@ -1,0 +1,127 @@
+"""Every setting of a WCL run, as one frozen dataclass.
+
+Library code takes a `Config` (or plain arguments); only `wcl_tf.train` reads
+absl flags and turns them into a `Config`. A notebook builds one directly:
+
+    cfg = Config(dataset="embedded_mnist", backbone="small_cnn", epochs=2)
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+BACKBONES = ("resnet50", "resnet18_cifar", "small_cnn")
+STRATEGIES = ("one_device", "mirrored", "multi_worker", "tpu")
+GATHER_GRAD = ("full", "local")
+LR_SCALING = ("sqrt", "linear")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # Data.
+    dataset: str = "embedded_mnist"
+    data_dir: Optional[str] = None
+    download: bool = False
+    train_split: str = "train"
+    eval_split: str = "test"
+    image_size: int = 32
+    # Limit on training images (0: all); handy for CPU-sized runs.
+    max_train_examples: int = 0
+    # Labelled images used by the end-of-run kNN evaluation (0: all).
+    max_eval_examples: int = 0
+
+    # Model.
+    backbone: str = "resnet18_cifar"
+    width: int = 64  # small_cnn only: channels of its first block
+    head_hidden_dim: int = 2048
+    head_output_dim: int = 128
+    # None: synchronized BN exactly when more than one replica trains.
+    sync_bn: Optional[bool] = None
+
+    # Objective (WCL_SPEC section 1 and 2).
+    temperature: float = 0.1
+    graph_loss_weight: float = 1.0  # lambda; 0 gives SimCLR
+    gather_grad: str = "full"
+
+    # Optimization (WCL_SPEC section 4).
+    global_batch_size: int = 256
+    epochs: int = 100
+    warmup_epochs: float = 10.0
+    lr_scaling: str = "sqrt"
+    base_lr: Optional[float] = None  # overrides lr_scaling when set
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    trust_coefficient: float = 1e-3
+    # 0: one epoch is floor(train examples / global batch) steps.
+    steps_per_epoch: int = 0
+
+    # Augmentation.
+    weak_aug_epochs: int = 10
+    blur: bool = False
+
+    # Run.
+    model_dir: str = "runs/default"
+    strategy: str = "one_device"
+    tpu: str = ""
+    seed: int = 0
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    verbose: int = 1
+
+    def validate(self):
+        """Raises ConfigError naming the offending setting and the fix."""
+        def need(ok, message):
+            if not ok:
+                raise ConfigError(message)
+
+        need(self.backbone in BACKBONES,
+             f"unknown backbone {self.backbone!r}: use one of {', '.join(BACKBONES)}.")
+        need(self.strategy in STRATEGIES,
+             f"unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}.")
+        need(self.gather_grad in GATHER_GRAD,
+             f"gather_grad must be 'full' or 'local', got {self.gather_grad!r}.")
+        need(self.lr_scaling in LR_SCALING,
+             f"lr_scaling must be 'sqrt' or 'linear', got {self.lr_scaling!r}.")
+        need(self.temperature > 0,
+             f"temperature must be > 0 (the paper uses 0.1), got {self.temperature}.")
+        need(self.graph_loss_weight >= 0,
+             f"graph_loss_weight (lambda) must be >= 0, got {self.graph_loss_weight}.")
+        need(self.global_batch_size >= 4,
+             f"global_batch_size must be >= 4 (contrastive losses need negatives), "
+             f"got {self.global_batch_size}.")
+        need(self.image_size >= 8,
+             f"image_size must be >= 8 pixels, got {self.image_size}.")
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}.")
+        need(0 <= self.warmup_epochs <= self.epochs,
+             f"warmup_epochs must be between 0 and epochs ({self.epochs}), "
+             f"got {self.warmup_epochs}.")
+        need(self.weak_aug_epochs >= 0,
+             f"weak_aug_epochs must be >= 0, got {self.weak_aug_epochs}.")
+        need(self.head_hidden_dim >= 1 and self.head_output_dim >= 1,
+             "head_hidden_dim and head_output_dim must be >= 1.")
+        need(self.base_lr is None or self.base_lr > 0,
+             f"base_lr must be > 0 when set, got {self.base_lr}.")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}.")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}.")
+        need(self.knn_k >= 1, f"knn_k must be >= 1, got {self.knn_k}.")
+        need(self.knn_temperature > 0, f"knn_temperature must be > 0, got {self.knn_temperature}.")
+        need(self.steps_per_epoch >= 0, f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}.")
+        return self
+
+    def learning_rate(self):
+        """Peak learning rate: base_lr, or the authors' scaling rule."""
+        if self.base_lr is not None:
+            return self.base_lr
+        if self.lr_scaling == "sqrt":
+            return 0.075 * math.sqrt(self.global_batch_size)
+        return 0.3 * self.global_batch_size / 256
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)

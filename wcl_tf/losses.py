@@ -1,0 +1,111 @@
+"""The WCL objective as pure functions (WCL_SPEC sections 1 and 2).
+
+Every function returns per-anchor vectors for the anchors it is given, so the same
+code serves one device (anchors = the whole batch) and a distributed step (anchors =
+this replica's rows, keys = the gathered global batch). `offset` is the index of the
+first local row inside the gathered rows. Logits, exp and log-sum-exp run in float32
+whatever the compute dtype. Masks are additive or multiplicative, never boolean
+selections, so shapes stay static (XLA / TPU).
+
+Shapes: b = anchors on this replica, n = global batch, d = embedding size.
+"""
+
+import tensorflow as tf
+
+from wcl_tf import weak_labels as weak_labels_lib
+
+# Added to the logit of an excluded candidate (the anchor itself).
+_MASKED = -1e9
+
+
+def _local_identity(b, n, offset):
+    """(b, n) float32 with a 1 at [i, offset + i]."""
+    return tf.one_hot(offset + tf.range(b), n, dtype=tf.float32)
+
+
+def instance_loss_per_anchor(z1, z2, z1_all, z2_all, offset, temperature):
+    """NT-Xent per anchor over the 2n global views.
+
+    Each anchor's positive is the other view of its image; every other view of the
+    global batch (both views) is a negative; the anchor itself is excluded.
+
+    Args:
+      z1, z2: (b, d) L2-normalised instance embeddings of the local rows.
+      z1_all, z2_all: (n, d) the same for the global batch.
+      offset: int, row of z1[0] inside z1_all.
+      temperature: float > 0.
+    Returns:
+      loss: (2b,) float32, view-1 anchors first.
+      correct: (2b,) float32, 1 where the positive has the largest logit.
+    """
+    z1, z2, z1_all, z2_all = (tf.cast(t, tf.float32) for t in (z1, z2, z1_all, z2_all))
+    b, n = tf.shape(z1)[0], tf.shape(z1_all)[0]
+    keys = tf.concat([z1_all, z2_all], axis=0)  # (2n, d)
+    anchors = tf.concat([z1, z2], axis=0)  # (2b, d)
+    logits = tf.matmul(anchors, keys, transpose_b=True) / temperature  # (2b, 2n)
+    eye = _local_identity(b, n, offset)  # (b, n)
+    zero = tf.zeros_like(eye)
+    self_mask = tf.concat([tf.concat([eye, zero], 1), tf.concat([zero, eye], 1)], 0)
+    pos_mask = tf.concat([tf.concat([zero, eye], 1), tf.concat([eye, zero], 1)], 0)
+    masked = logits + _MASKED * self_mask
+    positive = tf.reduce_sum(logits * pos_mask, axis=1)
+    loss = tf.reduce_logsumexp(masked, axis=1) - positive
+    correct = tf.cast(
+        tf.equal(tf.argmax(masked, axis=1), tf.argmax(pos_mask, axis=1)), tf.float32)
+    return loss, correct
+
+
+def supcon_per_anchor(v, v_all, labels, labels_all, offset, temperature):
+    """Supervised contrastive loss per anchor, candidates from one view.
+
+    Anchor i (global row offset + i) contrasts against every other row of v_all;
+    its positives are the rows j != i with labels_all[j] == labels[i].
+
+    Args:
+      v: (b, d) L2-normalised graph-head embeddings of the local rows.
+      v_all: (n, d) the same view for the global batch.
+      labels: (b,) int labels of the local rows (from the OTHER view's graph).
+      labels_all: (n,) the same labels for the global batch.
+      offset: int, row of v[0] inside v_all.
+      temperature: float > 0.
+    Returns:
+      (b,) float32 losses. An anchor with no positive gets 0.
+    """
+    v, v_all = tf.cast(v, tf.float32), tf.cast(v_all, tf.float32)
+    b, n = tf.shape(v)[0], tf.shape(v_all)[0]
+    logits = tf.matmul(v, v_all, transpose_b=True) / temperature  # (b, n)
+    self_mask = _local_identity(b, n, offset)
+    log_prob = logits - tf.reduce_logsumexp(logits + _MASKED * self_mask, axis=1, keepdims=True)
+    same = tf.cast(tf.equal(labels[:, tf.newaxis], labels_all[tf.newaxis, :]), tf.float32)
+    positives = same * (1.0 - self_mask)  # (b, n)
+    count = tf.reduce_sum(positives, axis=1)
+    return -tf.reduce_sum(positives * log_prob, axis=1) / tf.maximum(count, 1.0)
+
+
+def graph_loss_per_anchor(v1, v2, v1_all, v2_all, labels1_all, labels2_all, offset, temperature):
+    """WCL graph loss per anchor, with the labels swapped across views.
+
+    View-1 anchors are supervised by view 2's components and vice versa.
+
+    Returns:
+      (2b,) float32, view-1 anchors first.
+    """
+    b = tf.shape(v1)[0]
+    rows = offset + tf.range(b)
+    local = lambda labels_all: tf.gather(labels_all, rows)  # noqa: E731
+    loss1 = supcon_per_anchor(v1, v1_all, local(labels2_all), labels2_all, offset, temperature)
+    loss2 = supcon_per_anchor(v2, v2_all, local(labels1_all), labels1_all, offset, temperature)
+    return tf.concat([loss1, loss2], axis=0)
+
+
+def wcl_objective(z1, z2, v1, v2, temperature=0.1):
+    """(instance_loss, graph_loss) scalars for a single-device global batch.
+
+    z1, z2: (n, d) instance-head outputs; v1, v2: (n, d) graph-head outputs; all
+    L2-normalised. Weak labels are built here from v1 and v2 (no gradient).
+    """
+    instance, _ = instance_loss_per_anchor(z1, z2, z1, z2, 0, temperature)
+    labels1 = weak_labels_lib.weak_labels(v1)
+    labels2 = weak_labels_lib.weak_labels(v2)
+    graph = graph_loss_per_anchor(v1, v2, v1, v2, labels1, labels2, 0, temperature)
+    return tf.reduce_mean(instance), tf.reduce_mean(graph)

@@ -1,0 +1,88 @@
+"""Weak labels: connected components of the 1-nearest-neighbour graph.
+
+WCL_SPEC section 1. For embeddings v (n, d), nn(i) = argmax_{j != i} cos(v_i, v_j)
+with ties to the lowest index; the undirected graph with edges {i, nn(i)} is split
+into connected components, and each row gets its component's id.
+
+Everything is dense TensorFlow with static shapes (no scipy, no py_function), so it
+compiles under XLA and runs identically on every replica of a distributed step.
+
+Why pointer doubling is exact here: the 1-NN graph is a functional graph (one
+outgoing edge per node), so each component holds exactly one cycle, and with a
+symmetric similarity and a fixed tie-break every cycle has length 2 (a pair of
+mutual nearest neighbours; a longer cycle would need all its similarities equal and
+its tie-break indices to decrease around the cycle, which is impossible). Following
+nn 2^k >= n times from any node lands on its component's mutual pair {a, b}, and
+min(a, b) names the component.
+"""
+
+import math
+
+import tensorflow as tf
+
+
+def nearest_neighbours(v):
+    """Index of each row's most cosine-similar other row, ties to the lowest index.
+
+    Args:
+      v: (n, d) float tensor, n >= 2. Rows need not be normalised.
+    Returns:
+      (n,) int32 tensor.
+    """
+    v = tf.math.l2_normalize(tf.cast(v, tf.float32), axis=1)
+    n = tf.shape(v)[0]
+    sim = tf.matmul(v, v, transpose_b=True)  # (n, n)
+    # Exclude self with an additive mask (no boolean selection: TPU-friendly).
+    sim = sim - 3.0 * tf.eye(n, dtype=sim.dtype)
+    best = tf.reduce_max(sim, axis=1, keepdims=True)
+    cols = tf.range(n, dtype=tf.int32)[tf.newaxis, :]
+    # Lowest index among the maxima: tf.argmax does not promise a tie-break.
+    return tf.reduce_min(tf.where(sim >= best, cols, n), axis=1)
+
+
+def components_of_functional_graph(nn):
+    """Component id per node of the undirected graph with edges {i, nn[i]}.
+
+    Valid when every cycle of nn has length 2, as for a 1-NN graph (see module doc).
+    The id of a component is the smaller index of its mutual pair.
+
+    Args:
+      nn: (n,) int32 tensor, nn[i] != i.
+    Returns:
+      (n,) int32 tensor.
+    """
+    nn = tf.convert_to_tensor(nn, tf.int32)
+    n_static = nn.shape[0]
+    p = nn
+    if n_static is not None:
+        for _ in range(max(1, math.ceil(math.log2(max(n_static, 2))))):
+            p = tf.gather(p, p)
+    else:
+        n = tf.shape(nn)[0]
+        steps = tf.cast(tf.math.ceil(tf.math.log(tf.cast(n, tf.float32)) / math.log(2.0)), tf.int32)
+        _, p = tf.while_loop(
+            lambda i, q: i < tf.maximum(steps, 1),
+            lambda i, q: (i + 1, tf.gather(q, q)),
+            (tf.constant(0), p),
+        )
+    # p[i] is now on i's 2-cycle; the cycle's smaller index labels the component.
+    return tf.minimum(p, tf.gather(nn, p))
+
+
+def weak_labels(v):
+    """int32 component id per row of v (n, d); ids are row indices, not 0..C-1."""
+    return components_of_functional_graph(nearest_neighbours(tf.stop_gradient(v)))
+
+
+def num_components(labels):
+    """Number of distinct components in a `weak_labels` output."""
+    labels = tf.convert_to_tensor(labels, tf.int32)
+    ids = tf.range(tf.shape(labels)[0], dtype=tf.int32)
+    return tf.reduce_sum(tf.cast(tf.equal(labels, ids), tf.int32))
+
+
+def component_sizes(labels):
+    """(n,) number of members of the component named by each index (0 if none)."""
+    labels = tf.convert_to_tensor(labels, tf.int32)
+    n = tf.shape(labels)[0]
+    return tf.math.unsorted_segment_sum(tf.ones_like(labels), labels, n)
