@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+import keras
+import tensorflow as tf
+
+import reference
+from wcl_tf.models.wcl_model import WCLModel, build_wcl_model
+
+N, S = 8, 16  # global batch, image size
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: rng.uniform(size=(N, S, S, 3)).astype(np.float32) for k in ("view_1", "view_2")}
+
+
+def _model(gather_grad="full", graph_loss_weight=1.0):
+    keras.utils.set_random_seed(1)
+    return build_wcl_model("small_cnn", head_hidden_dim=16, head_output_dim=8, width=4,
+                           sync_bn=True, gather_grad=gather_grad,
+                           graph_loss_weight=graph_loss_weight, image_size=S)
+
+
+def _one_step(strategy, weights, batch, gather_grad="full", optimizer=None):
+    with strategy.scope():
+        model = _model(gather_grad)
+        model.set_weights(weights)
+        model.compile(optimizer=optimizer() if optimizer else keras.optimizers.SGD(0.5))
+    ds = tf.data.Dataset.from_tensor_slices(batch).batch(N)
+    history = model.fit(ds, epochs=1, steps_per_epoch=1, verbose=0)
+    return model, {k: v[-1] for k, v in history.history.items()}
+
+
+def test_losses_equal_the_numpy_reference():
+    model = _model()
+    batch = _batch()
+    _, logs = model.compute_objective(batch, training=False)
+    z1, v1 = (t.numpy() for t in model.embed(batch["view_1"]))
+    z2, v2 = (t.numpy() for t in model.embed(batch["view_2"]))
+    inst, graph = reference.wcl_objective(z1, z2, v1, v2, 0.1)
+    np.testing.assert_allclose(float(logs["instance_loss"]), inst, rtol=1e-5)
+    np.testing.assert_allclose(float(logs["graph_loss"]), graph, rtol=1e-5)
+    np.testing.assert_allclose(float(logs["loss"]), inst + graph, rtol=1e-5)
+
+
+def test_two_replicas_equal_one_replica(two_replica_strategy):
+    weights = _model().get_weights()
+    batch = _batch()
+    one, logs1 = _one_step(tf.distribute.OneDeviceStrategy("/cpu:0"), weights, batch)
+    two, logs2 = _one_step(two_replica_strategy, weights, batch)
+    moved = max(np.abs(a - b).max() for a, b in zip(weights, one.get_weights()))
+    assert moved > 1e-3  # the step really changed the weights
+    for a, b in zip(one.get_weights(), two.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+    for key in ("loss", "instance_loss", "graph_loss", "instance_acc", "num_components"):
+        np.testing.assert_allclose(logs1[key], logs2[key], rtol=1e-5)
+
+
+def test_local_gather_gradient_differs(two_replica_strategy):
+    weights = _model().get_weights()
+    batch = _batch()
+    full, logs_full = _one_step(two_replica_strategy, weights, batch, "full")
+    local, logs_local = _one_step(two_replica_strategy, weights, batch, "local")
+    # Same forward pass, different gradients.
+    np.testing.assert_allclose(logs_full["loss"], logs_local["loss"], rtol=1e-6)
+    diff = max(np.abs(a - b).max() for a, b in zip(full.get_weights(), local.get_weights()))
+    assert diff > 1e-4
+
+
+def test_simclr_mode_ignores_the_graph_head():
+    model = _model(graph_loss_weight=0.0)
+    batch = _batch()
+    with tf.GradientTape() as tape:
+        loss, logs = model.compute_objective(batch, training=True)
+    grads = tape.gradient(loss, model.graph_head.trainable_variables)
+    assert all(g is None or np.abs(g.numpy()).max() == 0 for g in grads)
+    np.testing.assert_allclose(float(logs["loss"]), float(logs["instance_loss"]), rtol=1e-6)
+
+
+def test_fit_reduces_the_loss_and_reports_metrics():
+    model = _model()
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    batch = _batch()
+    ds = tf.data.Dataset.from_tensor_slices(batch).batch(N).repeat()
+    history = model.fit(ds, epochs=3, steps_per_epoch=5, verbose=0).history
+    assert set(history) == {"loss", "instance_loss", "graph_loss", "instance_acc",
+                            "num_components"}
+    assert history["loss"][-1] < history["loss"][0]
+    assert 1 <= history["num_components"][0] <= N / 2
+    results = model.evaluate(ds, steps=1, verbose=0, return_dict=True)
+    assert np.isfinite(results["loss"])
+
+
+def test_call_returns_backbone_features():
+    model = _model()
+    x = _batch()["view_1"]
+    np.testing.assert_allclose(model(x).numpy(), model.backbone(x).numpy())
+
+
+def test_keras_file_round_trip(tmp_path):
+    model = _model(gather_grad="local", graph_loss_weight=0.5)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    batch = _batch()
+    model.fit(tf.data.Dataset.from_tensor_slices(batch).batch(N), epochs=1, verbose=0)
+    path = str(tmp_path / "wcl.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, WCLModel)
+    assert (loaded.gather_grad, loaded.graph_loss_weight) == ("local", 0.5)
+    x = batch["view_1"]
+    np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-6, atol=1e-6)
+    for a, b in zip(loaded.embed(x), model.embed(x)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_gather_grad_is_refused():
+    with pytest.raises(ValueError, match="gather_grad"):
+        _model(gather_grad="partial")
