@@ -25,6 +25,20 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_collective_keys():
+    """Gives each MirroredStrategy made after this a collective group key of its own.
+
+    Every new MirroredStrategy over the same devices starts at the same collective group
+    and instance keys, and TensorFlow's collective executor remembers instance parameters
+    per process: a second strategy whose collectives differ in shape or order fails with
+    "Shape mismatch in the collective instance 100" and then every later collective in the
+    process fails too. TensorFlow's own tests bump this class attribute for the same reason.
+    """
+    tf.distribute.MirroredStrategy._collective_key_base += 1000
+    yield
+
+
 @pytest.fixture
 def two_replica_strategy():
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
