@@ -70,6 +70,8 @@ class Config:
     seed: int = 0
     knn_k: int = 200
     knn_temperature: float = 0.1
+    # kNN top-1 and weak-label diagnostics every N epochs (0: only at the end).
+    eval_every_epochs: int = 0
     verbose: int = 1
 
     def validate(self):
@@ -109,6 +111,8 @@ class Config:
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}.")
         need(self.knn_k >= 1, f"knn_k must be >= 1, got {self.knn_k}.")
         need(self.knn_temperature > 0, f"knn_temperature must be > 0, got {self.knn_temperature}.")
+        need(self.eval_every_epochs >= 0,
+             f"eval_every_epochs must be >= 0, got {self.eval_every_epochs}.")
         need(self.steps_per_epoch >= 0, f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}.")
         return self
 

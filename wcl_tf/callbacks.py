@@ -1,0 +1,90 @@
+"""Callbacks used during pretraining: kNN monitor and weak-label diagnostics.
+
+Both add keys to the epoch logs, so a TensorBoard or CSVLogger callback placed after
+them in the list records the values.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from wcl_tf import knn
+from wcl_tf import weak_labels as weak_labels_lib
+
+
+class KNNMonitor(keras.callbacks.Callback):
+    """Logs `knn_top1` (weighted kNN of the backbone, inference mode) every N epochs.
+
+    Args:
+      train: (images, labels) memory bank, float32 images in [0, 1].
+      test: (images, labels) queries.
+      num_classes: number of classes.
+      every: evaluate after every `every`-th epoch (and after the last one).
+      k, temperature: kNN settings.
+    """
+
+    def __init__(self, train, test, num_classes, every=1, k=200, temperature=0.1):
+        super().__init__()
+        self.train, self.test = train, test
+        self.num_classes, self.every = num_classes, max(1, int(every))
+        self.k, self.temperature = k, temperature
+        self.history = []  # [epoch, top1]
+
+    def on_epoch_end(self, epoch, logs=None):
+        last = self.params and epoch + 1 == self.params.get("epochs")
+        if (epoch + 1) % self.every and not last:
+            return
+        top1 = knn.evaluate_encoder(self.model.backbone, *self.train, *self.test,
+                                    self.num_classes, k=self.k, temperature=self.temperature)
+        self.history.append([epoch + 1, top1])
+        if logs is not None:
+            logs["knn_top1"] = top1
+
+
+def weak_label_statistics(v, labels):
+    """Diagnostics of the weak labels built from embeddings v (n, d).
+
+    Returns a dict: num_components, mean and max component size, and purity, the
+    fraction of weak-positive pairs (same component, i != j) that share the true class.
+    """
+    weak = weak_labels_lib.weak_labels(tf.convert_to_tensor(v, tf.float32)).numpy()
+    labels = np.asarray(labels)
+    sizes = np.bincount(weak, minlength=len(weak))
+    sizes = sizes[sizes > 0]
+    same_component = weak[:, None] == weak[None, :]
+    np.fill_diagonal(same_component, False)
+    same_class = labels[:, None] == labels[None, :]
+    pairs = same_component.sum()
+    return {
+        "num_components": int(len(sizes)),
+        "component_size_mean": float(sizes.mean()),
+        "component_size_max": int(sizes.max()),
+        "purity": float((same_component & same_class).sum() / max(pairs, 1)),
+    }
+
+
+class WeakLabelDiagnostics(keras.callbacks.Callback):
+    """Logs weak-label statistics of a fixed labelled batch every N epochs.
+
+    The batch is two augmented views (view_1, view_2) of labelled images; the graph
+    head embeds them in inference mode and the statistics of view 1's graph are logged
+    as `weak_purity`, `weak_components`, `weak_component_size_mean`,
+    `weak_component_size_max`.
+    """
+
+    def __init__(self, view_1, labels, every=1):
+        super().__init__()
+        self.view_1, self.labels = view_1, np.asarray(labels)
+        self.every = max(1, int(every))
+
+    def on_epoch_end(self, epoch, logs=None):
+        last = self.params and epoch + 1 == self.params.get("epochs")
+        if (epoch + 1) % self.every and not last:
+            return
+        _, v = self.model.embed(tf.convert_to_tensor(self.view_1), training=False)
+        stats = weak_label_statistics(v, self.labels)
+        if logs is not None:
+            logs["weak_purity"] = stats["purity"]
+            logs["weak_components"] = stats["num_components"]
+            logs["weak_component_size_mean"] = stats["component_size_mean"]
+            logs["weak_component_size_max"] = stats["component_size_max"]

@@ -1,0 +1,127 @@
+"""Command line: absl flags -> Config -> training.run(config).
+
+    python -m wcl_tf.train --flagfile=configs/demo.flags
+    python -m wcl_tf.train --flagfile=configs/cifar10_r18.flags --data_dir=../shared/tfds
+
+This is the only module that reads flags. Every flag is a field of
+`wcl_tf.config.Config`; flagfiles nest with --flagfile= and later flags override.
+"""
+
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from absl import app, flags  # noqa: E402
+
+from wcl_tf import config as config_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+_HELP = {
+    "dataset": "'embedded_mnist' (offline, ships with the package) or a TFDS name "
+               "(cifar10, imagenet2012, ...).",
+    "data_dir": "TFDS data directory (e.g. ../shared/tfds).",
+    "download": "Let TFDS download and prepare the dataset if it is missing.",
+    "train_split": "Split used for pretraining (and as kNN memory).",
+    "eval_split": "Labelled split for the final kNN evaluation.",
+    "image_size": "Side of the square training views, in pixels.",
+    "max_train_examples": "Use only the first N training images (0: all).",
+    "max_eval_examples": "Use only the first N images of each split in the kNN "
+                         "evaluation (0: all).",
+    "backbone": "Encoder architecture.",
+    "width": "small_cnn only: channels of its first stage.",
+    "head_hidden_dim": "Hidden width H of both projection heads.",
+    "head_output_dim": "Output size D of both projection heads.",
+    "sync_bn": "Synchronized BatchNorm across replicas (default: on with >1 replica).",
+    "temperature": "Temperature tau of both losses.",
+    "graph_loss_weight": "lambda, weight of the weak-label graph loss (0 = SimCLR).",
+    "gather_grad": "Gradient through the cross-replica gather: full (exact) or "
+                   "local (authors' code).",
+    "global_batch_size": "Images per step over all replicas.",
+    "epochs": "Training epochs.",
+    "warmup_epochs": "Linear warm-up length, in epochs (per-step schedule).",
+    "lr_scaling": "Peak LR rule: sqrt (0.075*sqrt(batch)) or linear (0.3*batch/256).",
+    "base_lr": "Peak learning rate; overrides --lr_scaling.",
+    "weight_decay": "LARS weight decay (BN parameters and biases excluded).",
+    "momentum": "LARS momentum.",
+    "trust_coefficient": "LARS trust coefficient eta.",
+    "steps_per_epoch": "Steps per epoch (0: train examples // global batch).",
+    "weak_aug_epochs": "Epochs that use the weaker MoCo v2 augmentation first.",
+    "blur": "Gaussian blur in the augmentation (off for 32 px data).",
+    "model_dir": "Where checkpoints, TensorBoard logs and results go.",
+    "strategy": "Distribution strategy.",
+    "tpu": "TPU name or address for --strategy=tpu ('' = local TPU).",
+    "seed": "Random seed.",
+    "knn_k": "Neighbours in the kNN evaluation.",
+    "knn_temperature": "Temperature of the weighted kNN vote.",
+    "eval_every_epochs": "Log kNN top-1 and weak-label purity every N epochs "
+                         "(0: only after training).",
+    "verbose": "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.",
+}
+
+_ENUMS = {
+    "backbone": config_lib.BACKBONES,
+    "strategy": config_lib.STRATEGIES,
+    "gather_grad": config_lib.GATHER_GRAD,
+    "lr_scaling": config_lib.LR_SCALING,
+}
+
+
+def _define_flags():
+    for field in dataclasses.fields(config_lib.Config):
+        name, default, help_text = field.name, field.default, _HELP[field.name]
+        if name in _ENUMS:
+            flags.DEFINE_enum(name, default, _ENUMS[name], help_text)
+        elif name == "sync_bn":
+            flags.DEFINE_enum(name, "auto", ["auto", "true", "false"], help_text)
+        elif isinstance(default, bool):
+            flags.DEFINE_bool(name, default, help_text)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(name, default, help_text)
+        elif isinstance(default, float) or name == "base_lr":
+            flags.DEFINE_float(name, default, help_text)
+        else:
+            flags.DEFINE_string(name, default, help_text)
+
+
+_define_flags()
+
+
+def config_from_flags():
+    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config_lib.Config)}
+    values["sync_bn"] = {"auto": None, "true": True, "false": False}[values["sync_bn"]]
+    return config_lib.Config(**values)
+
+
+def _write_flags(cfg):
+    os.makedirs(cfg.model_dir, exist_ok=True)
+    with open(os.path.join(cfg.model_dir, "flags.txt"), "w") as f:
+        f.write(FLAGS.flags_into_string())
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: flags look like --name=value")
+    # Imported here so that --help answers without starting TensorFlow.
+    from wcl_tf import training
+    from wcl_tf.data.sources import DataError
+    from wcl_tf.strategy import StrategyError
+
+    try:
+        cfg = config_from_flags().validate()
+        training.run(cfg, log=lambda msg: print(msg, flush=True), on_ready=_write_flags)
+    except (config_lib.ConfigError, DataError, StrategyError) as err:
+        print(f"wcl_tf.train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def entry_point():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entry_point()
