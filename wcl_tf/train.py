@@ -14,7 +14,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from wcl_tf import config as config_lib  # noqa: E402
 
@@ -105,6 +105,9 @@ def _write_flags(cfg):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: flags look like --name=value")
+    if not FLAGS["verbosity"].present:
+        # TFDS and TensorFlow log every file they open at INFO; keep the console readable.
+        logging.set_verbosity(logging.WARNING)
     # Imported here so that --help answers without starting TensorFlow.
     from wcl_tf import training
     from wcl_tf.data.sources import DataError
