@@ -65,3 +65,31 @@ def wcl_objective(z1, z2, v1, v2, tau=0.1):
     labels2 = scipy_components(nearest_neighbours(v2))
     graph = 0.5 * (supcon(v1, labels2, tau) + supcon(v2, labels1, tau))
     return instance_loss(z1, z2, tau), graph
+
+
+def multicrop_local_losses(z1, z2, v1, v2, z_local, v_local, k, tau):
+    """(local instance loss, local graph loss, kept indices) of WCL_SPEC section 3.
+
+    z_local, v_local: (n, M, d) local-crop embeddings; keeps the k crops per image most
+    cosine-similar (graph head) to the normalised mean of the image's v1 and v2.
+    """
+    n = len(z1)
+    labels1 = scipy_components(nearest_neighbours(v1))
+    labels2 = scipy_components(nearest_neighbours(v2))
+    centre = l2n(v1.astype(np.float64) + v2)
+    sim = np.einsum("nmd,nd->nm", v_local.astype(np.float64), centre)
+    kept = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    keys = np.concatenate([z1, z2]).astype(np.float64)
+    inst, graph = [], []
+    for i in range(n):
+        for j in kept[i]:
+            logits = keys @ z_local[i, j] / tau
+            lse = np.log(np.exp(logits - logits.max()).sum()) + logits.max()
+            inst.append(lse - 0.5 * (logits[i] + logits[n + i]))
+            terms = []
+            for v_all, labels in ((v1, labels2), (v2, labels1)):
+                lg = v_all.astype(np.float64) @ v_local[i, j] / tau
+                logp = lg - (np.log(np.exp(lg - lg.max()).sum()) + lg.max())
+                terms.append(-logp[labels == labels[i]].mean())
+            graph.append(np.mean(terms))
+    return float(np.mean(inst)), float(np.mean(graph)), kept

@@ -63,6 +63,15 @@ class Config:
     weak_aug_epochs: int = 10
     blur: bool = False
 
+    # KNN multi-crop (WCL_SPEC section 3): M local crops of L px per image, the K most
+    # similar to the image's global embedding are kept; mu weighs their losses.
+    num_local_crops: int = 0
+    local_crop_size: int = 16
+    local_crop_scale: tuple = (0.05, 0.14)
+    global_crop_scale: tuple = (0.14, 1.0)
+    knn_crops: int = 0
+    local_loss_weight: float = 1.0
+
     # Run.
     model_dir: str = "runs/default"
     strategy: str = "one_device"
@@ -113,6 +122,20 @@ class Config:
         need(self.knn_temperature > 0, f"knn_temperature must be > 0, got {self.knn_temperature}.")
         need(self.eval_every_epochs >= 0,
              f"eval_every_epochs must be >= 0, got {self.eval_every_epochs}.")
+        need(self.num_local_crops >= 0,
+             f"num_local_crops must be >= 0, got {self.num_local_crops}.")
+        need(0 <= self.knn_crops <= self.num_local_crops,
+             f"knn_crops (K={self.knn_crops}) must be between 0 and num_local_crops "
+             f"(M={self.num_local_crops}).")
+        need(4 <= self.local_crop_size <= self.image_size,
+             f"local_crop_size must be between 4 and image_size ({self.image_size}), "
+             f"got {self.local_crop_size}.")
+        for name in ("local_crop_scale", "global_crop_scale"):
+            low_high = tuple(getattr(self, name))
+            need(len(low_high) == 2 and 0 < low_high[0] <= low_high[1] <= 1,
+                 f"{name} must be two numbers 0 < low <= high <= 1, got {low_high}.")
+        need(self.local_loss_weight >= 0,
+             f"local_loss_weight (mu) must be >= 0, got {self.local_loss_weight}.")
         need(self.steps_per_epoch >= 0, f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}.")
         return self
 
@@ -128,4 +151,6 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        """JSON-ready settings (tuples as lists, as they come back from config.json)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}

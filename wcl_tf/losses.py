@@ -109,3 +109,70 @@ def wcl_objective(z1, z2, v1, v2, temperature=0.1):
     labels2 = weak_labels_lib.weak_labels(v2)
     graph = graph_loss_per_anchor(v1, v2, v1, v2, labels1, labels2, 0, temperature)
     return tf.reduce_mean(instance), tf.reduce_mean(graph)
+
+
+def local_instance_loss_per_anchor(z_local, z1_all, z2_all, rows, temperature):
+    """Instance loss of kept multi-crop local crops (WCL_SPEC section 3).
+
+    Candidates are the 2n global instance embeddings; the positives are the two global
+    views of the crop's own image (mean of the two log-probabilities).
+
+    Args:
+      z_local: (a, d) L2-normalised instance embeddings of the kept crops.
+      z1_all, z2_all: (n, d) global views of the global batch.
+      rows: (a,) int, global row of each crop's source image.
+    Returns:
+      (a,) float32.
+    """
+    z_local = tf.cast(z_local, tf.float32)
+    keys = tf.cast(tf.concat([z1_all, z2_all], axis=0), tf.float32)  # (2n, d)
+    n = tf.shape(z1_all)[0]
+    logits = tf.matmul(z_local, keys, transpose_b=True) / temperature  # (a, 2n)
+    own = tf.one_hot(rows, n, dtype=tf.float32)  # (a, n)
+    positives = 0.5 * tf.reduce_sum(logits * tf.concat([own, own], axis=1), axis=1)
+    return tf.reduce_logsumexp(logits, axis=1) - positives
+
+
+def local_graph_loss_per_anchor(v_local, v1_all, v2_all, labels1_all, labels2_all, rows,
+                                temperature):
+    """Graph loss of kept local crops, keeping the swap (WCL_SPEC section 3).
+
+    Against view-1 globals the positives are the members of the crop's image's component
+    in view 2's graph (the image itself included), against view-2 globals those of view
+    1's graph; the two terms are averaged.
+
+    Args:
+      v_local: (a, d) L2-normalised graph embeddings of the kept crops.
+      v1_all, v2_all: (n, d) global views; labels1_all, labels2_all: (n,) their graphs.
+      rows: (a,) int, global row of each crop's source image.
+    Returns:
+      (a,) float32.
+    """
+    v_local = tf.cast(v_local, tf.float32)
+
+    def term(v_all, labels_all):
+        logits = tf.matmul(v_local, tf.cast(v_all, tf.float32), transpose_b=True) / temperature
+        log_prob = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)  # (a, n)
+        own = tf.gather(labels_all, rows)
+        positives = tf.cast(tf.equal(own[:, tf.newaxis], labels_all[tf.newaxis, :]),
+                            tf.float32)
+        return -tf.reduce_sum(positives * log_prob, axis=1) / tf.reduce_sum(positives, axis=1)
+
+    return 0.5 * (term(v1_all, labels2_all) + term(v2_all, labels1_all))
+
+
+def select_local_crops(v_local, v1, v2, k):
+    """Indices of the k local crops per image most similar to its global embedding.
+
+    Args:
+      v_local: (b, M, d) L2-normalised graph embeddings of the local crops.
+      v1, v2: (b, d) graph embeddings of the two global views.
+      k: static int, 1 <= k <= M.
+    Returns:
+      (similarity (b, M), kept indices (b, k) int32), no gradient.
+    """
+    centre = tf.math.l2_normalize(tf.stop_gradient(tf.cast(v1, tf.float32) + tf.cast(v2, tf.float32)),
+                                  axis=1)
+    sim = tf.einsum("bmd,bd->bm", tf.stop_gradient(tf.cast(v_local, tf.float32)), centre)
+    _, kept = tf.math.top_k(sim, k=k)
+    return sim, kept

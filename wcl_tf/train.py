@@ -51,6 +51,14 @@ _HELP = {
     "steps_per_epoch": "Steps per epoch (0: train examples // global batch).",
     "weak_aug_epochs": "Epochs that use the weaker MoCo v2 augmentation first.",
     "blur": "Gaussian blur in the augmentation (off for 32 px data).",
+    "num_local_crops": "Multi-crop: M small crops per image (0: two views only).",
+    "local_crop_size": "Multi-crop: side of the local crops, in pixels.",
+    "local_crop_scale": "Multi-crop: area range of the local crops, 'low,high'.",
+    "global_crop_scale": "Multi-crop: area range of the two global views, 'low,high' "
+                         "(used when num_local_crops > 0).",
+    "knn_crops": "Multi-crop: K local crops kept per image, the most similar to the "
+                 "image's global graph embedding (0: none).",
+    "local_loss_weight": "Multi-crop: mu, weight of the kept crops' losses.",
     "model_dir": "Where checkpoints, TensorBoard logs and results go.",
     "strategy": "Distribution strategy.",
     "tpu": "TPU name or address for --strategy=tpu ('' = local TPU).",
@@ -77,6 +85,8 @@ def _define_flags():
             flags.DEFINE_enum(name, default, _ENUMS[name], help_text)
         elif name == "sync_bn":
             flags.DEFINE_enum(name, "auto", ["auto", "true", "false"], help_text)
+        elif isinstance(default, tuple):
+            flags.DEFINE_list(name, [str(x) for x in default], help_text)
         elif isinstance(default, bool):
             flags.DEFINE_bool(name, default, help_text)
         elif isinstance(default, int):
@@ -93,6 +103,14 @@ _define_flags()
 def config_from_flags():
     values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config_lib.Config)}
     values["sync_bn"] = {"auto": None, "true": True, "false": False}[values["sync_bn"]]
+    for field in dataclasses.fields(config_lib.Config):
+        if isinstance(field.default, tuple):
+            try:
+                values[field.name] = tuple(float(x) for x in values[field.name])
+            except ValueError:
+                raise config_lib.ConfigError(
+                    f"--{field.name} takes numbers like 0.05,0.14; got "
+                    f"{','.join(values[field.name])!r}.") from None
     return config_lib.Config(**values)
 
 

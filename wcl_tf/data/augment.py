@@ -214,8 +214,10 @@ class ViewAugmenter:
     each view its own. Build it outside tf.data functions and reuse it.
     """
 
-    def __init__(self, image_size, blur=False, layer_seed=0):
+    def __init__(self, image_size, blur=False, layer_seed=0, output_size=None):
         self.image_size = int(image_size)
+        # Side of the produced views; smaller than image_size for multi-crop local crops.
+        self.output_size = int(output_size or image_size)
         self.blur = bool(blur)
         self.layer_seed = int(layer_seed)
         # float32 whatever the global mixed-precision policy.
@@ -225,7 +227,7 @@ class ViewAugmenter:
         self._blur = None
         if self.blur:
             self._blur = keras_cv.layers.RandomGaussianBlur(
-                kernel_size=blur_kernel_size(self.image_size), factor=BLUR_SIGMA,
+                kernel_size=blur_kernel_size(self.output_size), factor=BLUR_SIGMA,
                 seed=self.layer_seed + 1, dtype="float32")
 
     def __call__(self, images_uint8, spec, seed):
@@ -235,7 +237,8 @@ class ViewAugmenter:
                              f"images, got {images_uint8.shape}: resize before batching.")
         crop_seed, jitter_seed, jitter_p_seed, gray_p_seed, blur_p_seed = _split(seed, 5)
         images = tf.cast(images_uint8, tf.float32) / 255.0
-        images = random_resized_crop(images, size, spec.crop_scale, spec.crop_ratio, crop_seed)
+        images = random_resized_crop(images, self.output_size, spec.crop_scale, spec.crop_ratio,
+                                     crop_seed)
         jittered = color_jitter(images, spec.brightness, spec.contrast, spec.saturation,
                                 spec.hue, jitter_seed)
         images = _apply_with_prob(spec.jitter_prob, jitter_p_seed, jittered, images)
@@ -245,7 +248,7 @@ class ViewAugmenter:
             images = _apply_with_prob(spec.blur_prob, blur_p_seed, self._blur(images), images)
         images = self._flip(images)
         images = tf.clip_by_value(images, 0.0, 1.0)
-        images.set_shape(images_uint8.shape)
+        images.set_shape([images_uint8.shape[0], self.output_size, self.output_size, 3])
         return images
 
 
@@ -270,3 +273,39 @@ def two_views(images_uint8, strong, image_size, blur=False, seed=None, strong_sp
     first, second = view_augmenters(int(image_size), bool(blur), int(layer_seed))
     seed_1, seed_2 = _split(seed, 2)
     return first(images_uint8, spec, seed_1), second(images_uint8, spec, seed_2)
+
+
+@functools.lru_cache(maxsize=None)
+def local_augmenter(image_size, local_size, blur=False, layer_seed=0):
+    """The ViewAugmenter of multi-crop local crops (image_size -> local_size), built once."""
+    return ViewAugmenter(image_size, blur, layer_seed=2 * layer_seed + 2000003,
+                         output_size=local_size)
+
+
+def multi_crop_views(images_uint8, strong, image_size, num_local, local_size,
+                     global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), blur=False,
+                     seed=None, strong_spec=STRONG, weak_spec=WEAK, layer_seed=0):
+    """Two global views plus num_local small crops per image (WCL_SPEC section 3).
+
+    Global views use crop scale `global_scale`, local crops `local_scale`; colour, blur
+    and flip follow the selected recipe for all of them. Returns a dict:
+    view_1, view_2: float32 (b, S, S, 3); local: float32 (b, M, L, L, 3).
+    """
+    if seed is None:
+        seed = tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
+    spec = select_spec(strong, strong_spec, weak_spec)
+    global_spec = dataclasses.replace(
+        spec, crop_scale=tuple(tf.constant(x, tf.float32) for x in global_scale))
+    local_spec = dataclasses.replace(
+        spec, crop_scale=tuple(tf.constant(x, tf.float32) for x in local_scale))
+    first, second = view_augmenters(int(image_size), bool(blur), int(layer_seed))
+    local = local_augmenter(int(image_size), int(local_size), bool(blur), int(layer_seed))
+    seed_1, seed_2, seed_3 = _split(seed, 3)
+    b = tf.shape(images_uint8)[0]
+    crops = local(tf.repeat(images_uint8, num_local, axis=0), local_spec, seed_3)
+    crops = tf.reshape(crops, [b, num_local, local_size, local_size, 3])
+    if images_uint8.shape[0] is not None:
+        crops.set_shape([images_uint8.shape[0], num_local, local_size, local_size, 3])
+    return {"view_1": first(images_uint8, global_spec, seed_1),
+            "view_2": second(images_uint8, global_spec, seed_2),
+            "local": crops}

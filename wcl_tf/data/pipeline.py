@@ -50,7 +50,8 @@ def _resize_uint8(image, image_size):
 
 def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=None,
                           strong_spec=augment.STRONG, weak_spec=augment.WEAK, initial_step=0):
-    """Endless dataset of {"view_1", "view_2"}: float32 (batch_size, S, S, 3) in [0, 1].
+    """Endless dataset of {"view_1", "view_2"}: float32 (batch_size, S, S, 3) in [0, 1],
+    plus "local": (batch_size, M, L, L, 3) when cfg.num_local_crops = M > 0.
 
     batch_size: this pipeline's batch (per replica under a strategy). input_context: a
     tf.distribute.InputContext; the data is sharded when there is more than one input
@@ -95,6 +96,12 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
         strong = use_strong_augmentation(step, steps_per_epoch, cfg.weak_aug_epochs)
         # Unique per (pipeline, batch): replicas must not share crops.
         seed = tf.stack([seed_base, batch_index * num_pipelines + pipeline_id])
+        if cfg.num_local_crops > 0:
+            return augment.multi_crop_views(
+                images, strong, image_size, cfg.num_local_crops, cfg.local_crop_size,
+                global_scale=cfg.global_crop_scale, local_scale=cfg.local_crop_scale,
+                blur=cfg.blur, seed=seed, strong_spec=strong_spec, weak_spec=weak_spec,
+                layer_seed=cfg.seed)
         view_1, view_2 = augment.two_views(images, strong, image_size, blur=cfg.blur,
                                            seed=seed, strong_spec=strong_spec,
                                            weak_spec=weak_spec, layer_seed=cfg.seed)

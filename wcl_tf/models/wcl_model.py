@@ -22,13 +22,13 @@ from wcl_tf import weak_labels as weak_labels_lib
 
 
 def _views(data):
-    """(view_1, view_2) from a {"view_1", "view_2"} dict or a 2-tuple."""
+    """(view_1, view_2, local or None) from a {"view_1", "view_2"[, "local"]} dict or a
+    2- or 3-tuple."""
     if isinstance(data, dict):
-        return data["view_1"], data["view_2"]
+        return data["view_1"], data["view_2"], data.get("local")
     if isinstance(data, (tuple, list)) and len(data) == 1:  # (x,) from Keras
         return _views(data[0])
-    x1, x2 = data[:2]
-    return x1, x2
+    return data[0], data[1], (data[2] if len(data) > 2 else None)
 
 
 @keras.saving.register_keras_serializable(package="wcl_tf")
@@ -42,10 +42,15 @@ class WCLModel(keras.Model):
       temperature: tau of both losses.
       graph_loss_weight: lambda; 0 trains plain SimCLR (the graph head is unused).
       gather_grad: "full" or "local" gradient through the cross-replica gather.
+      knn_crops: K, multi-crop local crops kept per image (WCL_SPEC section 3); 0 keeps
+        none and the step is exactly the two-view step. Batches then carry "local":
+        (b, M, L, L, 3) with M >= K.
+      local_loss_weight: mu, weight of the kept crops' losses.
     """
 
     def __init__(self, backbone, instance_head, graph_head, temperature=0.1,
-                 graph_loss_weight=1.0, gather_grad="full", **kwargs):
+                 graph_loss_weight=1.0, gather_grad="full", knn_crops=0,
+                 local_loss_weight=1.0, **kwargs):
         super().__init__(**kwargs)
         if gather_grad not in ("full", "local"):
             raise ValueError(f"gather_grad must be 'full' or 'local', got {gather_grad!r}")
@@ -55,11 +60,13 @@ class WCLModel(keras.Model):
         self.temperature = float(temperature)
         self.graph_loss_weight = float(graph_loss_weight)
         self.gather_grad = gather_grad
-        self._trackers = {
-            name: keras.metrics.Mean(name=name)
-            for name in ("loss", "instance_loss", "graph_loss", "instance_acc",
-                         "num_components")
-        }
+        self.knn_crops = int(knn_crops)
+        self.local_loss_weight = float(local_loss_weight)
+        names = ["loss", "instance_loss", "graph_loss", "instance_acc", "num_components"]
+        if self.knn_crops:
+            names += ["local_instance_loss", "local_graph_loss", "local_kept_sim",
+                      "local_dropped_sim"]
+        self._trackers = {name: keras.metrics.Mean(name=name) for name in names}
 
     @property
     def metrics(self):
@@ -77,7 +84,7 @@ class WCLModel(keras.Model):
 
     def compute_objective(self, data, training):
         """This replica's loss share and the global, unscaled statistics."""
-        x1, x2 = _views(data)
+        x1, x2, local = _views(data)
         z1, v1 = self.embed(x1, training=training)  # (b, D) each
         z2, v2 = self.embed(x2, training=training)
         z1_all, offset = distributed.gather(z1, self.gather_grad)  # (n, D)
@@ -98,9 +105,19 @@ class WCLModel(keras.Model):
         graph_share = tf.reduce_sum(graph) / global_anchors
         loss_share = instance_share + self.graph_loss_weight * graph_share
 
-        stats = tf.stop_gradient(distributed.global_sum(tf.stack([
-            instance_share, graph_share, loss_share,
-            tf.reduce_sum(correct) / global_anchors])))
+        stats = [instance_share, graph_share, loss_share,
+                 tf.reduce_sum(correct) / global_anchors]
+        multi_crop = bool(self.knn_crops) and local is not None
+        if multi_crop:
+            local_stats = self._local_crop_losses(
+                local, v1, v2, z1_all, z2_all, v1_all, v2_all, labels1, labels2, offset,
+                training)
+            local_instance, local_graph = local_stats[:2]
+            loss_share += self.local_loss_weight * (
+                local_instance + self.graph_loss_weight * local_graph)
+            stats[2] = loss_share
+            stats += local_stats
+        stats = tf.stop_gradient(distributed.global_sum(tf.stack(stats)))
         components = 0.5 * tf.cast(
             weak_labels_lib.num_components(labels1) + weak_labels_lib.num_components(labels2),
             tf.float32)
@@ -111,7 +128,47 @@ class WCLModel(keras.Model):
             "instance_acc": stats[3],
             "num_components": components,
         }
+        if multi_crop:
+            for i, name in enumerate(("local_instance_loss", "local_graph_loss",
+                                      "local_kept_sim", "local_dropped_sim")):
+                logs[name] = stats[4 + i]
         return loss_share, logs
+
+    def _local_crop_losses(self, local, v1, v2, z1_all, z2_all, v1_all, v2_all, labels1,
+                           labels2, offset, training):
+        """This replica's shares of the kept crops' losses and selection statistics.
+
+        One backbone call for all local crops (one resolution), both heads, then the K
+        crops per image most similar to the image's global graph embedding.
+        """
+        b, m = tf.shape(local)[0], local.shape[1]
+        k = self.knn_crops
+        if m is not None and k > m:
+            raise ValueError(f"knn_crops={k} but batches carry only {m} local crops")
+        crops = tf.reshape(local, tf.concat([[-1], tf.shape(local)[2:]], axis=0))
+        z_loc, v_loc = self.embed(crops, training=training)  # (b*M, D)
+        depth = tf.shape(z_loc)[-1]
+        z_loc = tf.reshape(z_loc, [b, -1, depth])  # (b, M, D)
+        v_loc = tf.reshape(v_loc, [b, -1, depth])
+        sim, kept = losses.select_local_crops(v_loc, v1, v2, k)  # (b, M), (b, K)
+        z_kept = tf.reshape(tf.gather(z_loc, kept, batch_dims=1), [-1, depth])  # (b*K, D)
+        v_kept = tf.reshape(tf.gather(v_loc, kept, batch_dims=1), [-1, depth])
+        rows = offset + tf.repeat(tf.range(b), k)  # (b*K,) source image, global row
+        tau = self.temperature
+        instance = losses.local_instance_loss_per_anchor(z_kept, z1_all, z2_all, rows, tau)
+        graph = losses.local_graph_loss_per_anchor(
+            v_kept, v1_all, v2_all, labels1, labels2, rows, tau)
+        n = tf.cast(tf.shape(z1_all)[0], tf.float32)
+        global_anchors = n * k
+        kept_mask = tf.reduce_sum(tf.one_hot(kept, tf.shape(sim)[1]), axis=1)  # (b, M)
+        num_dropped = tf.cast(tf.shape(sim)[1] - k, tf.float32) * n
+        return [
+            tf.reduce_sum(instance) / global_anchors,
+            tf.reduce_sum(graph) / global_anchors,
+            tf.reduce_sum(sim * kept_mask) / global_anchors,
+            # Mean over dropped crops (0 when K = M).
+            tf.reduce_sum(sim * (1.0 - kept_mask)) / tf.maximum(num_dropped, 1.0),
+        ]
 
     def _update_metrics(self, logs):
         for name, value in logs.items():
@@ -140,6 +197,8 @@ class WCLModel(keras.Model):
             "temperature": self.temperature,
             "graph_loss_weight": self.graph_loss_weight,
             "gather_grad": self.gather_grad,
+            "knn_crops": self.knn_crops,
+            "local_loss_weight": self.local_loss_weight,
         })
         return config
 
@@ -153,7 +212,7 @@ class WCLModel(keras.Model):
 
 def build_wcl_model(backbone="small_cnn", head_hidden_dim=2048, head_output_dim=128,
                     sync_bn=False, width=64, temperature=0.1, graph_loss_weight=1.0,
-                    gather_grad="full", image_size=None):
+                    gather_grad="full", image_size=None, knn_crops=0, local_loss_weight=1.0):
     """A WCLModel with a named backbone and two 3-layer projection heads.
 
     Call inside `strategy.scope()` when training distributed.
@@ -173,6 +232,8 @@ def build_wcl_model(backbone="small_cnn", head_hidden_dim=2048, head_output_dim=
         temperature=temperature,
         graph_loss_weight=graph_loss_weight,
         gather_grad=gather_grad,
+        knn_crops=knn_crops,
+        local_loss_weight=local_loss_weight,
         name="wcl_model",
     )
     if image_size:
