@@ -14,6 +14,7 @@ BACKBONES = ("resnet50", "resnet18_cifar", "small_cnn")
 STRATEGIES = ("one_device", "mirrored", "multi_worker", "tpu")
 GATHER_GRAD = ("full", "local")
 LR_SCALING = ("sqrt", "linear")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,8 @@ class Config:
     # Run.
     model_dir: str = "runs/default"
     strategy: str = "one_device"
+    # Compute dtype; similarity logits, exp and log-sum-exp stay float32 regardless.
+    precision: str = "float32"
     tpu: str = ""
     seed: int = 0
     knn_k: int = 200
@@ -93,6 +96,8 @@ class Config:
              f"unknown backbone {self.backbone!r}: use one of {', '.join(BACKBONES)}.")
         need(self.strategy in STRATEGIES,
              f"unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}.")
+        need(self.precision in PRECISIONS,
+             f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         need(self.gather_grad in GATHER_GRAD,
              f"gather_grad must be 'full' or 'local', got {self.gather_grad!r}.")
         need(self.lr_scaling in LR_SCALING,

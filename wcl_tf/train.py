@@ -61,6 +61,8 @@ _HELP = {
     "local_loss_weight": "Multi-crop: mu, weight of the kept crops' losses.",
     "model_dir": "Where checkpoints, TensorBoard logs and results go.",
     "strategy": "Distribution strategy.",
+    "precision": "float32, mixed_bfloat16 (TPU, recent GPUs) or mixed_float16 (GPUs; "
+                 "dynamic loss scaling is added). Losses stay in float32.",
     "tpu": "TPU name or address for --strategy=tpu ('' = local TPU).",
     "seed": "Random seed.",
     "knn_k": "Neighbours in the kNN evaluation.",
@@ -75,6 +77,7 @@ _ENUMS = {
     "strategy": config_lib.STRATEGIES,
     "gather_grad": config_lib.GATHER_GRAD,
     "lr_scaling": config_lib.LR_SCALING,
+    "precision": config_lib.PRECISIONS,
 }
 
 

@@ -76,11 +76,12 @@ class WCLModel(keras.Model):
         return self.backbone(images, training=training)
 
     def embed(self, images, training=False):
-        """L2-normalised (instance, graph) head outputs, each (b, D)."""
+        """L2-normalised (instance, graph) head outputs, each float32 (b, D)."""
         features = self.backbone(images, training=training)
-        z = tf.math.l2_normalize(self.instance_head(features, training=training), axis=1)
-        v = tf.math.l2_normalize(self.graph_head(features, training=training), axis=1)
-        return z, v
+        # Similarities, exp and log-sum-exp run in float32 under mixed precision.
+        z = tf.cast(self.instance_head(features, training=training), tf.float32)
+        v = tf.cast(self.graph_head(features, training=training), tf.float32)
+        return tf.math.l2_normalize(z, axis=1), tf.math.l2_normalize(v, axis=1)
 
     def compute_objective(self, data, training):
         """This replica's loss share and the global, unscaled statistics."""

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+import keras
+import tensorflow as tf
+
+from wcl_tf.models.wcl_model import build_wcl_model
+
+N, S = 16, 16
+
+
+@pytest.fixture
+def policy():
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def _model():
+    keras.utils.set_random_seed(5)
+    return build_wcl_model("small_cnn", head_hidden_dim=32, head_output_dim=16, width=8,
+                           image_size=S)
+
+
+@pytest.mark.parametrize("name", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_loss_matches_float32(policy, name):
+    rng = np.random.default_rng(0)
+    batch = {k: rng.uniform(size=(N, S, S, 3)).astype(np.float32) for k in ("view_1", "view_2")}
+    reference = _model()
+    loss32, _ = reference.compute_objective(batch, training=True)
+    keras.mixed_precision.set_global_policy(name)
+    model = _model()
+    model.set_weights(reference.get_weights())
+    assert model.backbone.layers[-1].compute_dtype != "float32"
+    loss16, logs = model.compute_objective(batch, training=True)
+    assert loss16.dtype == tf.float32
+    np.testing.assert_allclose(float(loss16), float(loss32), rtol=0.01)
+
+
+def test_mixed_float16_step_with_loss_scaling(policy):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = _model()
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)))
+    rng = np.random.default_rng(1)
+    batch = {k: rng.uniform(size=(N, S, S, 3)).astype(np.float32) for k in ("view_1", "view_2")}
+    before = [w.copy() for w in model.get_weights()]
+    history = model.fit(tf.data.Dataset.from_tensor_slices(batch).batch(N), epochs=1,
+                        verbose=0).history
+    assert np.isfinite(history["loss"][0])
+    assert max(np.abs(a - b).max() for a, b in zip(before, model.get_weights())) > 0
