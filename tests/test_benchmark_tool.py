@@ -1,0 +1,31 @@
+"""The benchmark tool runs and writes its JSON (a smoke test: no timing is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "tools/benchmark.py", *args, f"--out={out}",
+                           "--warmup=1", "--repeats=1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_weak_label_benchmark(tmp_path):
+    result, stdout = _run(tmp_path, "weak_labels", "--sizes=64,128", "--dim=8")
+    assert [r["n"] for r in result["rows"]] == [64, 128]
+    assert "| 128 |" in stdout
+
+
+def test_step_benchmark_with_local_crops(tmp_path):
+    result, _ = _run(tmp_path, "step", "--backbone=small_cnn", "--width=4", "--batch_sizes=8",
+                     "--image_size=16", "--head_hidden_dim=16", "--head_output_dim=8",
+                     "--num_local_crops=2", "--local_crop_size=8")
+    row = result["rows"][0]
+    assert row["batch"] == 8 and row["local_crops"] == 2 and row["pairs_per_s"] > 0
