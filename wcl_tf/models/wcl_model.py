@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from wcl_tf import distributed
 from wcl_tf import losses
+from wcl_tf import optimizers  # noqa: F401  (registers LARS: compiled .keras files name it)
 from wcl_tf import weak_labels as weak_labels_lib
 
 
