@@ -32,6 +32,16 @@ def _views(data):
     return data[0], data[1], (data[2] if len(data) > 2 else None)
 
 
+def _multi_worker_logs(logs):
+    """Keras 3.15 reduces step logs over replicas with reduce("MEAN", v, axis=0) under
+    MultiWorkerMirroredStrategy, which fails on scalars (tensorflow/tensorflow#72388).
+    Our logs are global values, equal on every replica: give them a length-1 axis there,
+    whose mean over replicas is the value again."""
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
+
+
 @keras.saving.register_keras_serializable(package="wcl_tf")
 class WCLModel(keras.Model):
     """Weakly Supervised Contrastive Learning model.
@@ -184,11 +194,25 @@ class WCLModel(keras.Model):
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
         self.optimizer.apply(grads, variables)
-        return self._update_metrics(logs)
+        return _multi_worker_logs(self._update_metrics(logs))
 
     def test_step(self, data):
         _, logs = self.compute_objective(data, training=False)
-        return self._update_metrics(logs)
+        return _multi_worker_logs(self._update_metrics(logs))
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15 reduces the whole first (dict) batch with strategy.reduce to learn
+        # its shapes; MultiWorkerMirroredStrategy cannot reduce a nest and fails. The
+        # batch only serves shapes, so hand Keras this worker's first replica's rows.
+        strategy = self._distribute_strategy
+        if (iterator is not None and data_batch is None
+                and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)):
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0], next(it))
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def get_config(self):
         config = super().get_config()
