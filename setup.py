@@ -27,6 +27,9 @@ setup(
         "mlxtend",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        # nbclient + nbformat + ipykernel (its "python3" kernel) execute the notebooks.
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+    },
     entry_points={"console_scripts": ["wcl-train=wcl_tf.train:entry_point"]},
 )

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -38,7 +39,12 @@ def test_run_writes_checkpoints_logs_and_results(tmp_path):
 def test_model_dir_with_other_settings_is_refused(tmp_path):
     cfg = Config(model_dir=str(tmp_path), **TINY)
     training._prepare_model_dir(cfg)
-    with pytest.raises(ConfigError, match="temperature: 0.1 -> 0.2"):
+    # No checkpoint yet (e.g. the first try stopped on a wrong data_dir): may be retried.
+    training._prepare_model_dir(cfg.replace(temperature=0.3))
+    os.makedirs(tmp_path / "checkpoints")
+    with zipfile.ZipFile(tmp_path / "checkpoints" / "epoch_001.keras", "w") as archive:
+        archive.writestr("model.weights.h5", b"")
+    with pytest.raises(ConfigError, match="temperature: 0.3 -> 0.2"):
         training._prepare_model_dir(cfg.replace(temperature=0.2))
 
 

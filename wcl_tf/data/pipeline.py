@@ -95,7 +95,9 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
         step = initial_step + batch_index // replicas_per_pipeline
         strong = use_strong_augmentation(step, steps_per_epoch, cfg.weak_aug_epochs)
         # Unique per (pipeline, batch): replicas must not share crops.
-        seed = tf.stack([seed_base, batch_index * num_pipelines + pipeline_id])
+        # A resumed run continues the sequence instead of replaying epoch 1's crops.
+        batch_number = initial_step * replicas_per_pipeline + batch_index
+        seed = tf.stack([seed_base, batch_number * num_pipelines + pipeline_id])
         if cfg.num_local_crops > 0:
             return augment.multi_crop_views(
                 images, strong, image_size, cfg.num_local_crops, cfg.local_crop_size,

@@ -1,0 +1,61 @@
+"""notebooks/quickstart.ipynb: executes top to bottom, and is committed with its outputs."""
+
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
+KNN_LINE = "kNN top-1 (k="
+
+
+def _outputs(cells):
+    """(text of every stream / text output, MIME types of every output, errors)."""
+    texts, mimes, errors = [], set(), []
+    for cell in cells:
+        for out in cell.get("outputs", []):
+            if out["output_type"] == "error":
+                errors.append(f"{out['ename']}: {out['evalue']}")
+            elif out["output_type"] == "stream":
+                text = out["text"]
+                texts.append(text if isinstance(text, str) else "".join(text))
+            else:
+                data = out.get("data", {})
+                mimes.update(data)
+                plain = data.get("text/plain", "")
+                texts.append(plain if isinstance(plain, str) else "".join(plain))
+    return "".join(texts), mimes, errors
+
+
+def _check(cells):
+    text, mimes, errors = _outputs(cells)
+    assert not errors, errors
+    assert "image/png" in mimes, "the augmented views are not drawn"
+    assert KNN_LINE in text and "WCL encoder" in text and "random encoder" in text, text[-2000:]
+    assert "served features: (8, " in text
+    assert "fine-tuned on 500 labels" in text
+
+
+def test_committed_notebook_has_its_outputs():
+    with open(NOTEBOOK) as f:
+        cells = json.load(f)["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert code and all(c.get("execution_count") for c in code), "run it before committing"
+    assert [c["execution_count"] for c in code] == list(range(1, len(code) + 1))
+    _check(cells)
+
+
+def test_notebook_executes():
+    nbclient = pytest.importorskip(
+        "nbclient", reason="nbclient is not installed: pip install -e '.[test]'")
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:  # Judge this run's outputs only, not the committed ones.
+        if cell.cell_type == "code":
+            cell.outputs = []
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": ROOT}})
+    client.execute()  # Raises CellExecutionError, with the cell and traceback, on error.
+    _check(nb.cells)
