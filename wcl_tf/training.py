@@ -295,7 +295,8 @@ def _steps_per_epoch(cfg):
 
 def _summary(cfg, results):
     return (f"kNN top-1 (k={cfg.knn_k}, T={cfg.knn_temperature}) on {cfg.dataset}:"
-            f"{cfg.eval_split}: WCL encoder {100 * results['knn_top1']:.2f}% | randomly "
+            f"{cfg.eval_split}: {'WCL' if cfg.graph_loss_weight > 0 else 'SimCLR'} encoder "
+            f"{100 * results['knn_top1']:.2f}% | randomly "
             f"initialised encoder {100 * results['random_encoder_knn_top1']:.2f}%  (trained "
             f"{results['train_seconds'] / 60:.1f} min; model in {results['checkpoint']})")
 
