@@ -150,7 +150,7 @@ def test_tfsm_layer_fine_tuning_trains_the_encoder(exported):
 
     keras.utils.set_random_seed(2)
     classifier = keras.Sequential([keras.Input((S, S, 3)), encoder, keras.layers.Dense(3)])
-    classifier.compile(optimizer=keras.optimizers.SGD(0.05),
+    classifier.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     trainable_before = [w.numpy().copy() for w in encoder.trainable_weights]
     frozen_before = [w.numpy().copy() for w in encoder.non_trainable_weights]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -33,6 +34,9 @@ def _check(cells):
     assert not errors, errors
     assert "image/png" in mimes, "the augmented views are not drawn"
     assert KNN_LINE in text and "WCL encoder" in text and "random encoder" in text, text[-2000:]
+    trained, random = map(float, re.search(
+        r"WCL encoder ([0-9.]+)% \| random encoder ([0-9.]+)%", text).groups())
+    assert trained > random, f"pretraining did not beat the random encoder: {trained} vs {random}"
     assert "served features: (8, " in text
     assert "fine-tuned on 500 labels" in text
 

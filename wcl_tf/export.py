@@ -225,8 +225,23 @@ def load_encoder_for_finetuning(path, trainable=True, name="wcl_encoder"):
     A model holding a TFSMLayer reloads from `.keras` only with `safe_mode=False`
     (it executes the graph stored in the SavedModel).
     """
-    return keras.layers.TFSMLayer(
-        path, call_endpoint="preprocessed", trainable=trainable, name=name)
+    return EncoderLayer(path, call_endpoint="preprocessed", trainable=trainable, name=name)
+
+
+@keras.saving.register_keras_serializable(package="wcl_tf")
+class EncoderLayer(keras.layers.TFSMLayer):
+    """keras.layers.TFSMLayer whose weights have valid Keras names.
+
+    Keras 3.15 names each wrapped weight after the TF variable, ":0" included, and
+    optimizers with per-weight state (momentum, Adam) then fail with "'..._kernel:0_momentum'
+    is not a valid scope name". This drops the ":0".
+    """
+
+    def _add_existing_weight(self, weight):
+        variable = keras.Variable(
+            initializer=weight, trainable=weight.trainable, dtype=weight.dtype,
+            shape=weight.shape, name=weight.name.split(":")[0].replace("/", "_"))
+        self._track_variable(variable)
 
 
 def load_checkpoint(path):
