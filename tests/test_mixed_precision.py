@@ -46,3 +46,17 @@ def test_mixed_float16_step_with_loss_scaling(policy):
                         verbose=0).history
     assert np.isfinite(history["loss"][0])
     assert max(np.abs(a - b).max() for a, b in zip(before, model.get_weights())) > 0
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_training_build_applies_the_precision_setting(policy, precision):
+    from wcl_tf import training
+    from wcl_tf.config import Config
+
+    cfg = Config(backbone="small_cnn", width=4, head_hidden_dim=8, head_output_dim=4,
+                 image_size=16, global_batch_size=8, epochs=1, warmup_epochs=0,
+                 precision=precision)
+    model = training.build(cfg, tf.distribute.OneDeviceStrategy("/cpu:0"), 2)
+    assert model.backbone.layers[-1].compute_dtype == precision.split("_")[1]
+    scaled = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert scaled == (precision == "mixed_float16")

@@ -150,3 +150,17 @@ def test_pipeline_emits_local_crops():
 def test_bad_multicrop_settings_are_refused(changes, message):
     with pytest.raises(ConfigError, match=message):
         Config(image_size=32, **changes).validate()
+
+
+def test_multi_member_diagnostic_counts_large_components():
+    model = _model(knn_crops=2)
+    batch = _batch()
+    _, logs = model.compute_objective(batch, training=False)
+    _, v1 = model.embed(batch["view_1"])
+    _, v2 = model.embed(batch["view_2"])
+    expected = []
+    for v in (v1, v2):
+        labels = reference.scipy_components(reference.nearest_neighbours(v.numpy()))
+        sizes = np.bincount(labels)[labels]
+        expected.append(np.mean(sizes > 2))  # every image keeps K crops: a per-image mean
+    np.testing.assert_allclose(float(logs["local_multi_member"]), np.mean(expected), rtol=1e-6)

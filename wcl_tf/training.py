@@ -245,9 +245,14 @@ def _knn(encoder, arrays, cfg):
 
 
 def build(cfg, strategy, steps_per_epoch):
-    """WCLModel compiled with LARS + warm-up cosine, inside `strategy.scope()`."""
+    """WCLModel compiled with LARS + warm-up cosine, inside `strategy.scope()`.
+
+    cfg.precision sets Keras' global dtype policy (the losses stay float32 whatever it
+    is); mixed_float16 adds dynamic loss scaling around LARS.
+    """
     replicas = strategy.num_replicas_in_sync
     sync_bn = cfg.sync_bn if cfg.sync_bn is not None else replicas > 1
+    keras.mixed_precision.set_global_policy(cfg.precision)
     with strategy.scope():
         keras.utils.set_random_seed(cfg.seed)
         model = build_wcl_model(
@@ -256,7 +261,10 @@ def build(cfg, strategy, steps_per_epoch):
             temperature=cfg.temperature, graph_loss_weight=cfg.graph_loss_weight,
             gather_grad=cfg.gather_grad, image_size=cfg.image_size,
             knn_crops=cfg.knn_crops, local_loss_weight=cfg.local_loss_weight)
-        model.compile(optimizer=optimizers.build_optimizer(cfg, steps_per_epoch))
+        optimizer = optimizers.build_optimizer(cfg, steps_per_epoch)
+        if cfg.precision == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        model.compile(optimizer=optimizer)
     return model
 
 

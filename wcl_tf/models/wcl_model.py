@@ -32,6 +32,14 @@ def _views(data):
     return data[0], data[1], (data[2] if len(data) > 2 else None)
 
 
+# Logged when multi-crop is on: the kept crops' losses, the mean graph-head similarity
+# of kept and dropped crops to their image, and the fraction of kept crops whose image
+# sits in a component larger than its mutual nearest-neighbour pair (so the crop gets
+# positives beyond one neighbour).
+_LOCAL_METRICS = ("local_instance_loss", "local_graph_loss", "local_kept_sim",
+                  "local_dropped_sim", "local_multi_member")
+
+
 def _multi_worker_logs(logs):
     """Keras 3.15 reduces step logs over replicas with reduce("MEAN", v, axis=0) under
     MultiWorkerMirroredStrategy, which fails on scalars (tensorflow/tensorflow#72388).
@@ -40,6 +48,12 @@ def _multi_worker_logs(logs):
     if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
         return {name: tf.reshape(value, [1]) for name, value in logs.items()}
     return logs
+
+
+def _in_large_component(labels, rows):
+    """1.0 where the component of image `rows` has more than 2 members, else 0.0."""
+    sizes = weak_labels_lib.component_sizes(labels)  # (n,)
+    return tf.cast(tf.gather(sizes, tf.gather(labels, rows)) > 2, tf.float32)
 
 
 @keras.saving.register_keras_serializable(package="wcl_tf")
@@ -75,8 +89,7 @@ class WCLModel(keras.Model):
         self.local_loss_weight = float(local_loss_weight)
         names = ["loss", "instance_loss", "graph_loss", "instance_acc", "num_components"]
         if self.knn_crops:
-            names += ["local_instance_loss", "local_graph_loss", "local_kept_sim",
-                      "local_dropped_sim"]
+            names += list(_LOCAL_METRICS)
         self._trackers = {name: keras.metrics.Mean(name=name) for name in names}
 
     @property
@@ -141,8 +154,7 @@ class WCLModel(keras.Model):
             "num_components": components,
         }
         if multi_crop:
-            for i, name in enumerate(("local_instance_loss", "local_graph_loss",
-                                      "local_kept_sim", "local_dropped_sim")):
+            for i, name in enumerate(_LOCAL_METRICS):
                 logs[name] = stats[4 + i]
         return loss_share, logs
 
@@ -180,6 +192,8 @@ class WCLModel(keras.Model):
             tf.reduce_sum(sim * kept_mask) / global_anchors,
             # Mean over dropped crops (0 when K = M).
             tf.reduce_sum(sim * (1.0 - kept_mask)) / tf.maximum(num_dropped, 1.0),
+            tf.reduce_sum(0.5 * (_in_large_component(labels1, rows)
+                                 + _in_large_component(labels2, rows))) / global_anchors,
         ]
 
     def _update_metrics(self, logs):
