@@ -163,9 +163,8 @@ def main():
     suffix = "_random_init" if run["random_init"] else ""
     path = run_dir.output_path(run, f"finetune_{_percent(fraction)}pct{suffix}.json")
     run_dir.write_json(path, payload)
-    log(f"fine-tune ({settings}): top-1 best {100 * result['top1_best']:.2f}% / last "
-        f"{100 * result['top1_last']:.2f}%, top-5 best {100 * result['top5_best']:.2f}% / "
-        f"last {100 * result['top5_last']:.2f}%  [{seconds:.1f} s] -> {path}")
+    log(f"fine-tune ({settings}): {run_dir.accuracy_summary(result)}  [{seconds:.1f} s] "
+        f"-> {path}")
     return 0
 
 

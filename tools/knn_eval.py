@@ -213,6 +213,13 @@ def encoder_name(run):
     return run["checkpoint"]
 
 
+def accuracy_summary(result):
+    """'top-1 best X% / last Y%, top-5 best Z% / last W%' of a linear/finetune result."""
+    return (f"top-1 best {100 * result['top1_best']:.2f}% / last "
+            f"{100 * result['top1_last']:.2f}%, top-5 best {100 * result['top5_best']:.2f}% / "
+            f"last {100 * result['top5_last']:.2f}%")
+
+
 def write_json(path, payload):
     try:
         directory = os.path.dirname(os.path.abspath(path))

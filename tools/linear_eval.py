@@ -117,9 +117,8 @@ def main():
     }
     path = run_dir.output_path(run, f"linear_eval_{FLAGS.mode}{_variant()}.json")
     run_dir.write_json(path, payload)
-    log(f"linear eval ({settings}): top-1 best {100 * result['top1_best']:.2f}% / last "
-        f"{100 * result['top1_last']:.2f}%, top-5 best {100 * result['top5_best']:.2f}% / "
-        f"last {100 * result['top5_last']:.2f}%  [{seconds:.1f} s] -> {path}")
+    log(f"linear eval ({settings}): {run_dir.accuracy_summary(result)}  [{seconds:.1f} s] "
+        f"-> {path}")
     return 0
 
 
