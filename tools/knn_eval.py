@@ -213,6 +213,13 @@ def encoder_name(run):
     return run["checkpoint"]
 
 
+def run_record(run):
+    """The run's checkpoint and data settings, as every tool records them in its JSON."""
+    return {key: run[key] for key in ("checkpoint", "random_init", "dataset", "data_dir",
+                                      "train_split", "eval_split", "image_size",
+                                      "max_examples")}
+
+
 def accuracy_summary(result):
     """'top-1 best X% / last Y%, top-5 best Z% / last W%' of a linear/finetune result."""
     return (f"top-1 best {100 * result['top1_best']:.2f}% / last "
@@ -285,14 +292,7 @@ def knn_main():
         "k": FLAGS.k,
         "temperature": FLAGS.temperature,
         "encoder": encoder_name(run),
-        "checkpoint": run["checkpoint"],
-        "random_init": run["random_init"],
-        "dataset": run["dataset"],
-        "data_dir": run["data_dir"],
-        "train_split": run["train_split"],
-        "eval_split": run["eval_split"],
-        "image_size": run["image_size"],
-        "max_examples": run["max_examples"],
+        **run_record(run),
         "num_train": int(len(y_train)),
         "num_test": int(len(y_test)),
         "num_classes": int(num_classes),

@@ -75,14 +75,9 @@ def _conv(x, filters, kernel_size, strides, name):
         kernel_initializer=conv_kernel_initializer(), name=name)(x)
 
 
-def _basic_block(x, filters, strides, sync_bn, n):
-    """torchvision BasicBlock (expansion 1). `n` maps a local name to a layer name."""
+def _residual_out(x, y, filters, strides, sync_bn, n):
+    """ReLU(y + shortcut(x)); the shortcut projects (1x1 conv + BN) when the shape changes."""
     shortcut = x
-    y = _conv(x, filters, 3, strides, n("conv1"))
-    y = _batch_norm(n("bn1"), sync_bn)(y)
-    y = keras.layers.ReLU(name=n("relu1"))(y)
-    y = _conv(y, filters, 3, 1, n("conv2"))
-    y = _batch_norm(n("bn2"), sync_bn)(y)
     if strides != 1 or x.shape[-1] != filters:
         shortcut = _conv(x, filters, 1, strides, n("downsample_0"))
         shortcut = _batch_norm(n("downsample_1"), sync_bn)(shortcut)
@@ -90,10 +85,19 @@ def _basic_block(x, filters, strides, sync_bn, n):
     return keras.layers.ReLU(name=n("out"))(y)
 
 
+def _basic_block(x, filters, strides, sync_bn, n):
+    """torchvision BasicBlock (expansion 1). `n` maps a local name to a layer name."""
+    y = _conv(x, filters, 3, strides, n("conv1"))
+    y = _batch_norm(n("bn1"), sync_bn)(y)
+    y = keras.layers.ReLU(name=n("relu1"))(y)
+    y = _conv(y, filters, 3, 1, n("conv2"))
+    y = _batch_norm(n("bn2"), sync_bn)(y)
+    return _residual_out(x, y, filters, strides, sync_bn, n)
+
+
 def _bottleneck_block(x, width, strides, sync_bn, n, expansion=4):
     """torchvision Bottleneck (v1.5): the stride is on the 3x3 conv."""
     filters = width * expansion
-    shortcut = x
     y = _conv(x, width, 1, 1, n("conv1"))
     y = _batch_norm(n("bn1"), sync_bn)(y)
     y = keras.layers.ReLU(name=n("relu1"))(y)
@@ -102,11 +106,7 @@ def _bottleneck_block(x, width, strides, sync_bn, n, expansion=4):
     y = keras.layers.ReLU(name=n("relu2"))(y)
     y = _conv(y, filters, 1, 1, n("conv3"))
     y = _batch_norm(n("bn3"), sync_bn)(y)
-    if strides != 1 or x.shape[-1] != filters:
-        shortcut = _conv(x, filters, 1, strides, n("downsample_0"))
-        shortcut = _batch_norm(n("downsample_1"), sync_bn)(shortcut)
-    y = keras.layers.Add(name=n("add"))([y, shortcut])
-    return keras.layers.ReLU(name=n("out"))(y)
+    return _residual_out(x, y, filters, strides, sync_bn, n)
 
 
 def _resnet_stages(x, block_fn, blocks_per_stage, widths, sync_bn, namer):
