@@ -381,3 +381,47 @@ def test_sync_bn_gradients_sum_to_one_device_gradient(two_replica_strategy, rng)
         atol = max(2e-3 * np.abs(r).max(), 1e-5)
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=atol,
                                    err_msg=v.path)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_fused_batch_norm_equals_keras_batch_norm(training, rng):
+    """FusedBatchNormalization (TF's fused kernel) = keras BatchNormalization: outputs,
+    input and parameter gradients, moving statistics (biased variance, as Keras)."""
+    from wcl_tf.models.batch_norm import FusedBatchNormalization
+
+    x = tf.constant(rng.normal(2.0, 3.0, size=(4, 5, 6, 7)), tf.float32)
+    keras_bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    fused = FusedBatchNormalization(momentum=0.9, epsilon=1e-5)
+    for layer in (keras_bn, fused):
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 7, dtype=np.float32))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 7, dtype=np.float32))
+        layer.moving_mean.assign(np.full(7, 0.3, np.float32))
+        layer.moving_variance.assign(np.full(7, 1.7, np.float32))
+    weights = tf.sin(x)
+    results = []
+    for layer in (keras_bn, fused):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=training) * weights)
+        results.append([loss, *tape.gradient(loss, [x, layer.gamma, layer.beta]),
+                        layer.moving_mean, layer.moving_variance])
+    for ours, theirs in zip(results[1], results[0]):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=2e-5, atol=2e-5)
+    moved = not np.allclose(keras_bn.moving_mean.numpy(), 0.3)
+    assert moved == training
+
+
+def test_fused_batch_norm_falls_back_and_serializes(rng):
+    from wcl_tf.models.batch_norm import FusedBatchNormalization
+
+    layer = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name="bn")
+    dense_input = tf.constant(rng.normal(size=(6, 3)), tf.float32)  # 2-D: Keras path
+    reference = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    np.testing.assert_allclose(layer(dense_input, training=True).numpy(),
+                               reference(dense_input, training=True).numpy(), atol=1e-5)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(clone) is FusedBatchNormalization and clone.get_config() == layer.get_config()
+    assert all(isinstance(bn, FusedBatchNormalization)
+               for bn in _layers_of(build_backbone("small_cnn", width=4),
+                                    keras.layers.BatchNormalization))

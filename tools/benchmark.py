@@ -4,6 +4,8 @@
     python tools/benchmark.py weak_labels --sizes=256,1024,4096,16384
     python tools/benchmark.py pipeline --image_size=32 --batch_size=256
     python tools/benchmark.py pipeline --image_size=32 --num_local_crops=4 --local_crop_size=16
+    python tools/benchmark.py profile --backbone=resnet50 --batch_sizes=32 --image_size=224
+    python tools/benchmark.py ratio --configs=configs/demo.flags,configs/cifar10_r18.flags
 
 Each prints a markdown table and, with --out=FILE.json, writes the numbers. Timings are
 the median of --repeats timed steps after --warmup untimed ones, on whatever machine runs
@@ -34,6 +36,7 @@ flags.DEFINE_integer("num_local_crops", 0, "step / pipeline: M local crops.")
 flags.DEFINE_integer("local_crop_size", 16, "step / pipeline: local crop side.")
 flags.DEFINE_integer("knn_crops", 0, "step: K kept crops (defaults to M when M > 0).")
 flags.DEFINE_string("precision", "float32", "step: float32, mixed_bfloat16, mixed_float16.")
+flags.DEFINE_bool("jit_compile", False, "step / profile: compile the train step with XLA.")
 flags.DEFINE_list("sizes", ["256", "1024", "4096", "16384"], "weak_labels: batch sizes n.")
 flags.DEFINE_integer("dim", 128, "weak_labels: embedding size.")
 flags.DEFINE_string("dataset", "cifar10", "pipeline: dataset.")
@@ -41,6 +44,12 @@ flags.DEFINE_string("data_dir", "../shared/tfds", "pipeline: TFDS folder.")
 flags.DEFINE_integer("batch_size", 256, "pipeline: batch size.")
 flags.DEFINE_string("augment", "project", "pipeline: 'project' (wcl_tf.data) or "
                     "'keras_cv' (an all-keras-cv two-view recipe, for comparison).")
+flags.DEFINE_bool("blur", False, "pipeline: Gaussian blur in the views (the 224-px recipe).")
+flags.DEFINE_list("configs", ["configs/demo.flags", "configs/cifar10_r18.flags",
+                              "configs/cifar10_r18_multicrop.flags", "configs/r50.flags",
+                              "configs/r50_multicrop.flags"], "ratio: train flagfiles.")
+flags.DEFINE_integer("max_step_batch", 128, "ratio: time the step and pipeline at "
+                     "min(global batch, this) images.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps first.")
 flags.DEFINE_integer("repeats", 5, "Timed steps.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
@@ -75,7 +84,12 @@ def _timed(fn, warmup, repeats):
     return statistics.median(times), times
 
 
-def bench_step():
+def _step_setup(batch, backbone=None, width=None, image_size=None, head_hidden_dim=None,
+                head_output_dim=None, num_local_crops=None, local_crop_size=None,
+                knn_crops=None):
+    """(model, train_function, iterator) of one WCL train step on a fixed random batch.
+
+    Settings left None come from the command-line flags."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -84,29 +98,39 @@ def bench_step():
     from wcl_tf.config import Config
     from wcl_tf.models.wcl_model import build_wcl_model
 
+    def pick(value, flag):
+        return FLAGS[flag].value if value is None else value
+
+    backbone, width = pick(backbone, "backbone"), pick(width, "width")
+    s = pick(image_size, "image_size")
+    m, ls = pick(num_local_crops, "num_local_crops"), pick(local_crop_size, "local_crop_size")
+    k = pick(knn_crops, "knn_crops") or m
+    keras.utils.set_random_seed(0)
+    model = build_wcl_model(backbone, pick(head_hidden_dim, "head_hidden_dim"),
+                            pick(head_output_dim, "head_output_dim"), width=width,
+                            image_size=s, knn_crops=k)
+    cfg = Config(global_batch_size=batch, epochs=10, warmup_epochs=1)
+    opt = optimizers.build_optimizer(cfg, 100)
+    if FLAGS.precision == "mixed_float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    model.compile(optimizer=opt, jit_compile=FLAGS.jit_compile)
+    rng = np.random.default_rng(0)
+    data = {v: tf.constant(rng.uniform(size=(batch, s, s, 3)), tf.float32)
+            for v in ("view_1", "view_2")}
+    if m:
+        data["local"] = tf.constant(rng.uniform(size=(batch, m, ls, ls, 3)), tf.float32)
+    model.make_train_function()
+    return model, model.train_function, iter(tf.data.Dataset.from_tensors(data).repeat())
+
+
+def bench_step():
+    import keras
+
     if FLAGS.precision != "float32":
         keras.mixed_precision.set_global_policy(FLAGS.precision)
     rows = []
-    k = FLAGS.knn_crops or FLAGS.num_local_crops
     for batch in map(int, FLAGS.batch_sizes):
-        keras.utils.set_random_seed(0)
-        model = build_wcl_model(FLAGS.backbone, FLAGS.head_hidden_dim, FLAGS.head_output_dim,
-                                width=FLAGS.width, image_size=FLAGS.image_size, knn_crops=k)
-        cfg = Config(global_batch_size=batch, epochs=10, warmup_epochs=1)
-        opt = optimizers.build_optimizer(cfg, 100)
-        if FLAGS.precision == "mixed_float16":
-            opt = keras.optimizers.LossScaleOptimizer(opt)
-        model.compile(optimizer=opt)
-        rng = np.random.default_rng(0)
-        s = FLAGS.image_size
-        data = {v: tf.constant(rng.uniform(size=(batch, s, s, 3)), tf.float32)
-                for v in ("view_1", "view_2")}
-        if FLAGS.num_local_crops:
-            m, ls = FLAGS.num_local_crops, FLAGS.local_crop_size
-            data["local"] = tf.constant(rng.uniform(size=(batch, m, ls, ls, 3)), tf.float32)
-        model.make_train_function()
-        step = model.train_function
-        iterator = iter(tf.data.Dataset.from_tensors(data).repeat())
+        _, step, iterator = _step_setup(batch)
 
         def one():
             logs = step(iterator)
@@ -114,19 +138,95 @@ def bench_step():
 
         median, times = _timed(one, FLAGS.warmup, FLAGS.repeats)
         rows.append({
-            "backbone": FLAGS.backbone, "image_size": s, "batch": batch,
+            "backbone": FLAGS.backbone, "image_size": FLAGS.image_size, "batch": batch,
             "local_crops": FLAGS.num_local_crops, "precision": FLAGS.precision,
+            "jit_compile": FLAGS.jit_compile,
             "step_s": round(median, 4), "pairs_per_s": round(batch / median, 2),
             "step_s_all": [round(t, 4) for t in times],
             "peak_memory_mb": round(_peak_memory_mb(), 1),
         })
         print(f"  {rows[-1]}", flush=True)
-    header = ("| backbone | px | batch | local crops | precision | step (s) | image pairs/s "
-              "| peak memory (MB) |\n|---|---|---|---|---|---|---|---|")
+    header = ("| backbone | px | batch | local crops | precision | XLA | step (s) | image pairs/s "
+              "| peak memory (MB) |\n|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['backbone']} | {r['image_size']} | {r['batch']} | {r['local_crops']} | "
-             f"{r['precision']} | {r['step_s']:.3f} | {r['pairs_per_s']:.2f} | "
-             f"{r['peak_memory_mb']:.0f} |" for r in rows]
+             f"{r['precision']} | {'yes' if r['jit_compile'] else 'no'} | {r['step_s']:.3f} | "
+             f"{r['pairs_per_s']:.2f} | {r['peak_memory_mb']:.0f} |" for r in rows]
     return rows, "\n".join([header] + lines)
+
+
+def _op_part(name):
+    """Which part of the step a TF op (its full name) belongs to."""
+    lowered = name.lower()
+    if "lars" in lowered or "optimizer" in lowered or "assignvariableop" in lowered:
+        return "optimizer"
+    direction = "backward" if "gradient_tape" in lowered else "forward"
+    for part in ("backbone", "instance_head", "graph_head"):
+        if part in lowered:
+            return f"{part} {direction}"
+    if "weak_label" in lowered or "while" in lowered:
+        return "weak labels"
+    return f"losses and the rest {direction}"
+
+
+def _op_kind(op_type, name):
+    """Coarse op family: convolutions, batch norm, matmul, elementwise/other."""
+    if "Conv2D" in op_type:  # oneDNN kernels are named _MklNativeConv2D...
+        return op_type.replace("_MklNative", "").replace("_Mkl", "")
+    if "_bn" in name or "batch_norm" in name.lower() or "FusedBatchNorm" in op_type:
+        return "BatchNorm (" + ("backward" if "gradient_tape" in name else "forward") + ")"
+    if op_type in ("MatMul", "BatchMatMulV2", "_MklMatMul", "_FusedMatMul"):
+        return "MatMul"
+    return "other: " + op_type.replace("_MklNative", "").replace("_Mkl", "")
+
+
+def bench_profile():
+    """Where a train step spends its time: TF profiler trace of --repeats steps, op
+    durations summed by part of the model and by op family (ops on the two executor
+    threads overlap, so shares, not seconds, are the result)."""
+    import collections
+    import glob
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    batch = int(FLAGS.batch_sizes[0])
+    _, step, iterator = _step_setup(batch)
+    for _ in range(max(1, FLAGS.warmup)):
+        float(step(iterator)["loss"])
+    logdir = tempfile.mkdtemp(prefix="wcl_profile_")
+    tf.profiler.experimental.start(logdir)
+    start = time.perf_counter()
+    for _ in range(FLAGS.repeats):
+        float(step(iterator)["loss"])
+    wall = (time.perf_counter() - start) / FLAGS.repeats
+    tf.profiler.experimental.stop()
+    space = xplane_pb2.XSpace()
+    with open(sorted(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True))[-1], "rb") as f:
+        space.ParseFromString(f.read())
+    by_part, by_kind = collections.Counter(), collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                meta = plane.event_metadata[event.metadata_id]
+                if ":" not in meta.name or "::" in meta.name:  # executor bookkeeping
+                    continue
+                name, op_type = meta.name.rsplit(":", 1)
+                by_part[_op_part(name)] += event.duration_ps
+                by_kind[_op_kind(op_type, name)] += event.duration_ps
+    total = sum(by_part.values())
+    rows = {"backbone": FLAGS.backbone, "batch": batch, "image_size": FLAGS.image_size,
+            "step_s": round(wall, 3),
+            "by_part": {k: round(v / total, 4) for k, v in by_part.most_common()},
+            "by_op": {k: round(v / total, 4) for k, v in by_kind.most_common()}}
+    lines = [f"Step {wall:.3f} s (mean of {FLAGS.repeats} traced steps; tracing adds "
+             "overhead).", "", "| part of the step | share of op time |", "|---|---|"]
+    lines += [f"| {k} | {100 * v:.1f}% |" for k, v in rows["by_part"].items()]
+    lines += ["", "| op family | share of op time |", "|---|---|"]
+    lines += [f"| {k} | {100 * v:.1f}% |" for k, v in list(rows["by_op"].items())[:15]]
+    return [rows], "\n".join(lines)
 
 
 def bench_weak_labels():
@@ -178,11 +278,13 @@ def bench_weak_labels():
     return rows, "\n".join([header] + lines)
 
 
-def _keras_cv_two_views(image_size):
+def _keras_cv_two_views(image_size, blur=False):
     """An all-keras-cv SimCLR-like view (for the comparison row only)."""
     import keras
     import keras_cv
     import tensorflow as tf
+
+    from wcl_tf.data import augment
 
     def make():
         return keras.Sequential([
@@ -191,6 +293,8 @@ def _keras_cv_two_views(image_size):
             keras_cv.layers.RandomApply(keras_cv.layers.RandomColorJitter(
                 (0, 1), 0.8, 0.8, (0.1, 0.9), 0.2), rate=0.8),
             keras_cv.layers.RandomApply(keras_cv.layers.Grayscale(output_channels=3), rate=0.2),
+            *([keras_cv.layers.RandomApply(keras_cv.layers.RandomGaussianBlur(
+                augment.blur_kernel_size(image_size), (0.1, 2.0)), rate=0.5)] if blur else []),
             keras.layers.RandomFlip("horizontal"),
         ])
 
@@ -211,14 +315,15 @@ def bench_pipeline():
 
     cfg = Config(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
                  global_batch_size=FLAGS.batch_size, num_local_crops=FLAGS.num_local_crops,
-                 local_crop_size=FLAGS.local_crop_size, weak_aug_epochs=0)
+                 local_crop_size=FLAGS.local_crop_size, weak_aug_epochs=0, blur=FLAGS.blur)
     if FLAGS.augment == "project":
         ds = pipeline.make_pretrain_dataset(cfg, FLAGS.batch_size)
     else:
         raw, _, _ = sources.load_split(cfg.dataset, cfg.train_split, cfg.data_dir)
         ds = (raw.map(lambda x, y: pipeline._resize_uint8(x, cfg.image_size)).cache().repeat()
               .batch(FLAGS.batch_size, drop_remainder=True)
-              .map(_keras_cv_two_views(cfg.image_size), num_parallel_calls=tf.data.AUTOTUNE)
+              .map(_keras_cv_two_views(cfg.image_size, cfg.blur),
+                   num_parallel_calls=tf.data.AUTOTUNE)
               .prefetch(tf.data.AUTOTUNE))
     iterator = iter(ds)
     batches = 10
@@ -231,25 +336,120 @@ def bench_pipeline():
             next(iterator)
         rates.append(batches * FLAGS.batch_size / (time.perf_counter() - start))
     rate = statistics.median(rates)
-    row = {"augment": FLAGS.augment, "image_size": FLAGS.image_size,
+    row = {"augment": FLAGS.augment, "image_size": FLAGS.image_size, "blur": FLAGS.blur,
            "local_crops": FLAGS.num_local_crops, "local_crop_size": FLAGS.local_crop_size,
            "batch": FLAGS.batch_size, "images_per_s": round(rate, 1),
            "images_per_s_per_core": round(rate / os.cpu_count(), 1)}
     print(f"  {row}", flush=True)
-    header = ("| augmentation | px | local crops | images/s (each with all its views) | "
-              "per core |\n|---|---|---|---|---|")
-    line = (f"| {row['augment']} | {row['image_size']} | {row['local_crops']}"
+    header = ("| augmentation | px | blur | local crops | images/s (each with all its views) | "
+              "per core |\n|---|---|---|---|---|---|")
+    line = (f"| {row['augment']} | {row['image_size']} | {'yes' if row['blur'] else 'no'} | "
+            f"{row['local_crops']}"
             f"{'x' + str(row['local_crop_size']) if row['local_crops'] else ''} | "
             f"{row['images_per_s']:.0f} | {row['images_per_s_per_core']:.0f} |")
     return [row], header + "\n" + line
 
 
+def _config_from_flagfile(path):
+    """A Config from a train flagfile (nested --flagfile= lines followed)."""
+    import dataclasses
+
+    from wcl_tf.config import Config
+
+    fields = {f.name: f.default for f in dataclasses.fields(Config)}
+    values = {}
+
+    def read(file_path):
+        with open(file_path) as f:
+            for line in f:
+                line = line.strip()
+                if not line.startswith("--"):
+                    continue
+                name, _, value = line[2:].partition("=")
+                if name == "flagfile":
+                    read(value)
+                elif name in fields:
+                    values[name] = value
+
+    read(path)
+    parsed = {}
+    for name, value in values.items():
+        default = fields[name]
+        if isinstance(default, bool) or name == "sync_bn":
+            parsed[name] = value.lower() in ("true", "1", "yes")
+        elif isinstance(default, tuple):
+            parsed[name] = tuple(float(x) for x in value.split(","))
+        elif isinstance(default, int):
+            parsed[name] = int(value)
+        elif isinstance(default, float) or name == "base_lr":
+            parsed[name] = float(value)
+        else:
+            parsed[name] = value
+    return Config(**parsed)
+
+
+def bench_ratio():
+    """For each shipped config: input-pipeline images/s against the images/s its train step
+    consumes on this machine, and their ratio (goal: >= 2)."""
+    import keras
+
+    from wcl_tf.data import pipeline, sources
+
+    rows = []
+    for path in FLAGS.configs:
+        cfg = _config_from_flagfile(path)
+        batch = min(cfg.global_batch_size, FLAGS.max_step_batch)
+        dataset, data_dir, stand_in = cfg.dataset, cfg.data_dir, ""
+        try:
+            sources.load_split(dataset, cfg.train_split, data_dir)
+        except sources.DataError:
+            dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
+            stand_in = f"{dataset} resized to {cfg.image_size} px"
+        # Strong augmentation (the costlier recipe) from the first batch.
+        data_cfg = cfg.replace(dataset=dataset, data_dir=data_dir, global_batch_size=batch,
+                               weak_aug_epochs=0, max_train_examples=0)
+        iterator = iter(pipeline.make_pretrain_dataset(data_cfg, batch))
+        for _ in range(3):
+            next(iterator)
+        batches = max(2, 2048 // batch // (1 if cfg.image_size <= 64 else 8))
+        rates = []
+        for _ in range(FLAGS.repeats):
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(iterator)
+            rates.append(batches * batch / (time.perf_counter() - start))
+        del iterator
+        pipeline_rate = statistics.median(rates)
+        _, step, step_iterator = _step_setup(
+            batch, cfg.backbone, cfg.width, cfg.image_size, cfg.head_hidden_dim,
+            cfg.head_output_dim, cfg.num_local_crops, cfg.local_crop_size, cfg.knn_crops)
+        median, _ = _timed(lambda: float(step(step_iterator)["loss"]), FLAGS.warmup,
+                           FLAGS.repeats)
+        step_rate = batch / median
+        rows.append({"config": path, "dataset": stand_in or cfg.dataset, "batch": batch,
+                     "image_size": cfg.image_size, "blur": cfg.blur,
+                     "local_crops": cfg.num_local_crops,
+                     "pipeline_images_per_s": round(pipeline_rate, 1),
+                     "pipeline_images_per_s_per_core": round(pipeline_rate / os.cpu_count(), 1),
+                     "step_s": round(median, 4), "step_images_per_s": round(step_rate, 2),
+                     "ratio": round(pipeline_rate / step_rate, 1)})
+        print(f"  {rows[-1]}", flush=True)
+        keras.backend.clear_session()
+    header = ("| config | data | batch timed | pipeline images/s (per core) | step images/s | "
+              "pipeline / step |\n|---|---|---|---|---|---|")
+    lines = [f"| {r['config']} | {r['dataset']} | {r['batch']} | "
+             f"{r['pipeline_images_per_s']:.0f} ({r['pipeline_images_per_s_per_core']:.0f}) | "
+             f"{r['step_images_per_s']:.1f} | **{r['ratio']:.1f}x** |" for r in rows]
+    return rows, "\n".join([header] + lines)
+
+
 def main(argv):
-    if len(argv) != 2 or argv[1] not in ("step", "weak_labels", "pipeline"):
-        raise app.UsageError("usage: benchmark.py step|weak_labels|pipeline [--flags]")
+    modes = {"step": bench_step, "weak_labels": bench_weak_labels,
+             "pipeline": bench_pipeline, "profile": bench_profile, "ratio": bench_ratio}
+    if len(argv) != 2 or argv[1] not in modes:
+        raise app.UsageError(f"usage: benchmark.py {'|'.join(modes)} [--flags]")
     logging.set_verbosity(logging.WARNING)
-    rows, table = {"step": bench_step, "weak_labels": bench_weak_labels,
-                   "pipeline": bench_pipeline}[argv[1]]()
+    rows, table = modes[argv[1]]()
     print(f"\nMachine: {_machine()}\nCommand: python tools/benchmark.py "
           f"{' '.join(sys.argv[1:])}\n\n{table}")
     if FLAGS.out:

@@ -11,7 +11,9 @@ The ResNets follow torchvision (WCL_SPEC section 6: `keras.applications.ResNet50
   reproduced with explicit `ZeroPadding2D` + "valid" conv/pool wherever the stride is 2,
   so feature-map sizes equal torchvision's for odd and even inputs.
 - BatchNorm with PyTorch defaults (momentum 0.1 / eps 1e-5 = Keras momentum 0.9 / eps 1e-5),
-  `synchronized=sync_bn` (global-batch statistics under a tf.distribute strategy).
+  `synchronized=sync_bn` (global-batch statistics under a tf.distribute strategy), run by
+  TensorFlow's fused kernel (`FusedBatchNormalization`, numerically Keras' BN; the moving
+  variance is the biased one, PyTorch's is unbiased).
 - Conv kernels initialised like torchvision: normal, std sqrt(2 / fan_out).
 
 Layer names mirror torchvision's parameter names with "." replaced by "_" ("conv1", "bn1",
@@ -25,6 +27,8 @@ also counts the BatchNorm moving statistics and the normalisation constants.
 
 import keras
 import numpy as np
+
+from wcl_tf.models.batch_norm import FusedBatchNormalization
 
 BACKBONE_NAMES = ("resnet50", "resnet18_cifar", "small_cnn")
 
@@ -57,7 +61,9 @@ class _Namer:
 
 
 def _batch_norm(name, sync_bn):
-    return keras.layers.BatchNormalization(
+    # TensorFlow's fused kernel on feature maps (a quarter of the ResNet-50 step was
+    # unfused Keras BN on CPU); Keras' own path with synchronized statistics.
+    return FusedBatchNormalization(
         momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=sync_bn, name=name)
 
 
