@@ -32,7 +32,7 @@ ARGS = ["--dataset=embedded_mnist", "--image_size=16", "--backbone=small_cnn", "
         "--head_hidden_dim=16", "--head_output_dim=8", "--global_batch_size=16",
         f"--epochs={EPOCHS}", f"--steps_per_epoch={STEPS}", "--warmup_epochs=1",
         "--weak_aug_epochs=2", "--max_eval_examples=100", "--knn_k=5",
-        "--eval_every_epochs=1", "--verbose=2"]
+        "--eval_every_epochs=1", "--keep_checkpoints=0", "--verbose=2"]
 
 
 def _expected_lr(step):

@@ -88,3 +88,59 @@ class WeakLabelDiagnostics(keras.callbacks.Callback):
             logs["weak_components"] = stats["num_components"]
             logs["weak_component_size_mean"] = stats["component_size_mean"]
             logs["weak_component_size_max"] = stats["component_size_max"]
+
+
+def learning_rate_at(optimizer, step):
+    """The learning rate `optimizer` used (or uses) at 0-based optimizer step `step`."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+    schedule = getattr(optimizer, "_learning_rate", None)
+    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        return float(keras.ops.convert_to_numpy(schedule(step)))
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+    """Stops training at a non-finite step, or skips up to `max_skips` of them.
+
+    WCLModel.train_step never applies an update whose loss or gradients are NaN/Inf and
+    counts such steps in the `nonfinite_steps` log. This callback watches that count:
+    each skipped step is reported through `log` (optimizer step, epoch, learning rate);
+    the (max_skips + 1)-th stops training and leaves `tripped` = a dict describing it
+    (None while all is well), which the caller turns into an error message.
+    """
+
+    def __init__(self, max_skips=0, log=print):
+        super().__init__()
+        self.max_skips, self.log = int(max_skips), log
+        self.skipped = 0
+        self.tripped = None
+        self._seen_this_epoch = 0
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._seen_this_epoch = epoch, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        count = int(round(float((logs or {}).get("nonfinite_steps", 0.0))))
+        if count <= self._seen_this_epoch:
+            return
+        self._seen_this_epoch = count
+        self.skipped += 1
+        optimizer = self.model.optimizer
+        # The optimizer counted the skipped step too: it was step iterations - 1.
+        step = int(keras.ops.convert_to_numpy(optimizer.iterations)) - 1
+        info = {
+            "optimizer_step": step,
+            "epoch": self._epoch + 1,
+            "batch": batch + 1,
+            "learning_rate": learning_rate_at(optimizer, step),
+            "skipped_so_far": self.skipped,
+        }
+        where = (f"optimizer step {info['optimizer_step']} (epoch {info['epoch']}, batch "
+                 f"{info['batch']}), learning rate {info['learning_rate']:.4g}")
+        if self.skipped > self.max_skips:
+            self.tripped = info
+            self.model.stop_training = True
+            return
+        self.log(f"warning: non-finite loss or gradients at {where}: update skipped "
+                 f"({self.skipped} of at most {self.max_skips}).")

@@ -15,6 +15,7 @@ STRATEGIES = ("one_device", "mirrored", "multi_worker", "tpu")
 GATHER_GRAD = ("full", "local")
 LR_SCALING = ("sqrt", "linear")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+ON_BAD_IMAGE = ("skip", "fail")
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,9 @@ class Config:
     max_train_examples: int = 0
     # Labelled images used by the end-of-run kNN evaluation (0: all).
     max_eval_examples: int = 0
+    # dataset="folder:...": "skip" undecodable files (counted and named in the log) or
+    # "fail" before training with their list.
+    on_bad_image: str = "skip"
 
     # Model.
     backbone: str = "resnet18_cifar"
@@ -75,6 +79,8 @@ class Config:
 
     # Run.
     model_dir: str = "runs/default"
+    # Epoch checkpoints kept on disk, newest first (0: all of them).
+    keep_checkpoints: int = 3
     strategy: str = "one_device"
     # Compute dtype; similarity logits, exp and log-sum-exp stay float32 regardless.
     precision: str = "float32"
@@ -84,6 +90,10 @@ class Config:
     knn_temperature: float = 0.1
     # kNN top-1 and weak-label diagnostics every N epochs (0: only at the end).
     eval_every_epochs: int = 0
+    # A step whose loss or gradients are not finite is never applied. 0: the first one
+    # stops the run (the last epoch checkpoint is kept); N: up to N such steps are
+    # skipped (logged), the N+1-th stops the run.
+    skip_nonfinite_steps: int = 0
     verbose: int = 1
 
     def validate(self):
@@ -142,6 +152,23 @@ class Config:
         need(self.local_loss_weight >= 0,
              f"local_loss_weight (mu) must be >= 0, got {self.local_loss_weight}.")
         need(self.steps_per_epoch >= 0, f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}.")
+        need(self.keep_checkpoints >= 0,
+             f"keep_checkpoints must be >= 0 (0: keep all), got {self.keep_checkpoints}.")
+        need(self.on_bad_image in ON_BAD_IMAGE,
+             f"on_bad_image must be 'skip' or 'fail', got {self.on_bad_image!r}.")
+        need(self.skip_nonfinite_steps >= 0,
+             f"skip_nonfinite_steps must be >= 0 (0: stop at the first non-finite loss), "
+             f"got {self.skip_nonfinite_steps}.")
+        need(self.max_train_examples >= 0,
+             f"max_train_examples must be >= 0 (0: all), got {self.max_train_examples}.")
+        need(self.max_eval_examples >= 0,
+             f"max_eval_examples must be >= 0 (0: all), got {self.max_eval_examples}.")
+        need(self.trust_coefficient > 0,
+             f"trust_coefficient (LARS eta) must be > 0 (the recipe uses 0.001), got "
+             f"{self.trust_coefficient}.")
+        need(self.width >= 1, f"width must be >= 1, got {self.width}.")
+        need(bool(self.dataset), "dataset is empty: use 'embedded_mnist', a TFDS name or "
+             "'folder:/path/to/images'.")
         return self
 
     def learning_rate(self):

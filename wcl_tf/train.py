@@ -21,8 +21,9 @@ from wcl_tf import config as config_lib  # noqa: E402
 FLAGS = flags.FLAGS
 
 _HELP = {
-    "dataset": "'embedded_mnist' (offline, ships with the package) or a TFDS name "
-               "(cifar10, imagenet2012, ...).",
+    "dataset": "'embedded_mnist' (offline, ships with the package), a TFDS name "
+               "(cifar10, imagenet2012, ...) or 'folder:/path/to/images' (JPEG/PNG/GIF/BMP; "
+               "class subfolders give labels; train/ and test/ subfolders give splits).",
     "data_dir": "TFDS data directory (e.g. ../shared/tfds).",
     "download": "Let TFDS download and prepare the dataset if it is missing.",
     "train_split": "Split used for pretraining (and as kNN memory).",
@@ -31,6 +32,8 @@ _HELP = {
     "max_train_examples": "Use only the first N training images (0: all).",
     "max_eval_examples": "Use only the first N images of each split in the kNN "
                          "evaluation (0: all).",
+    "on_bad_image": "--dataset=folder:... only: 'skip' files that do not decode (counted "
+                    "and named in the log) or 'fail' before training, listing them.",
     "backbone": "Encoder architecture.",
     "width": "small_cnn only: channels of its first stage.",
     "head_hidden_dim": "Hidden width H of both projection heads.",
@@ -60,6 +63,8 @@ _HELP = {
                  "image's global graph embedding (0: none).",
     "local_loss_weight": "Multi-crop: mu, weight of the kept crops' losses.",
     "model_dir": "Where checkpoints, TensorBoard logs and results go.",
+    "keep_checkpoints": "Epoch checkpoints kept in model_dir/checkpoints, newest first "
+                        "(0: all).",
     "strategy": "Distribution strategy.",
     "precision": "float32, mixed_bfloat16 (TPU, recent GPUs) or mixed_float16 (GPUs; "
                  "dynamic loss scaling is added). Losses stay in float32.",
@@ -69,6 +74,9 @@ _HELP = {
     "knn_temperature": "Temperature of the weighted kNN vote.",
     "eval_every_epochs": "Log kNN top-1 and weak-label purity every N epochs "
                          "(0: only after training).",
+    "skip_nonfinite_steps": "Skip up to N steps whose loss or gradients are NaN/Inf "
+                            "(never applied either way); 0 stops at the first one, "
+                            "keeping the last epoch checkpoint.",
     "verbose": "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.",
 }
 
@@ -78,6 +86,7 @@ _ENUMS = {
     "gather_grad": config_lib.GATHER_GRAD,
     "lr_scaling": config_lib.LR_SCALING,
     "precision": config_lib.PRECISIONS,
+    "on_bad_image": config_lib.ON_BAD_IMAGE,
 }
 
 
@@ -140,6 +149,9 @@ def main(argv):
     except (config_lib.ConfigError, DataError, StrategyError) as err:
         print(f"wcl_tf.train: error: {err}", file=sys.stderr)
         return 2
+    except training.NonFiniteLossError as err:
+        print(f"wcl_tf.train: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

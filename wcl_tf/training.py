@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 import zipfile
 
@@ -45,7 +46,7 @@ from wcl_tf import knn
 from wcl_tf import optimizers
 from wcl_tf import strategy as strategy_lib
 from wcl_tf.config import ConfigError
-from wcl_tf.data import augment, pipeline, sources
+from wcl_tf.data import augment, folder, pipeline, sources
 from wcl_tf.models.wcl_model import build_wcl_model
 
 CONFIG_FILE = "config.json"
@@ -55,6 +56,10 @@ HISTORY_FILE = "history.csv"
 FINAL_CHECKPOINT = "final.keras"
 CHECKPOINT_DIR = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^epoch_(\d+)\.keras$")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a non-finite loss; the message says where and what to do."""
 
 
 def _prepare_model_dir(cfg):
@@ -139,6 +144,15 @@ def latest_checkpoint(model_dir):
     return 0, None
 
 
+def _prune_checkpoints(model_dir, keep):
+    """Deletes all but the newest `keep` epoch checkpoints (and stale partial files)."""
+    folder = os.path.join(model_dir, CHECKPOINT_DIR)
+    epochs = sorted(int(m.group(1)) for m in map(_CHECKPOINT_NAME.match, os.listdir(folder))
+                    if m)
+    for epoch in epochs[:-keep]:
+        os.remove(checkpoint_path(model_dir, epoch))
+
+
 def _epoch_rows(model_dir, epochs_done):
     """Logs of epochs 1..epochs_done as saved by a previous process, one dict each."""
     state = _read_json(os.path.join(model_dir, STATE_FILE)) or {}
@@ -198,13 +212,15 @@ class _EpochCheckpoint(keras.callbacks.Callback):
     """After each epoch: train_state.json, then checkpoints/epoch_NNN.keras, then history.csv.
 
     The checkpoint is the commit point: a run resumes from the newest complete one and
-    takes the logs of the epochs up to it from train_state.json. An epoch whose loss is
-    not finite (TerminateOnNaN stopped it) is not saved.
+    takes the logs of the epochs up to it from train_state.json. An epoch cut short by
+    the non-finite guard (or whose loss is not finite) is not saved. Only the newest
+    `keep` epoch checkpoints stay on disk (0: all).
     """
 
-    def __init__(self, model_dir, rows, state, write=True):
+    def __init__(self, model_dir, rows, state, write=True, guard=None, keep=0):
         super().__init__()
         self.model_dir, self.rows, self.state, self.write = model_dir, rows, state, write
+        self.guard, self.keep = guard, keep
         self._started = time.time()
         self._seconds_before = state.get("train_seconds", 0.0)
 
@@ -213,7 +229,8 @@ class _EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
-        if not math.isfinite(float(logs.get("loss", 0.0))):
+        if not math.isfinite(float(logs.get("loss", 0.0))) or (
+                self.guard is not None and self.guard.tripped is not None):
             return
         row = {"epoch": epoch + 1}
         row.update({k: float(v) for k, v in logs.items()})
@@ -225,20 +242,31 @@ class _EpochCheckpoint(keras.callbacks.Callback):
         _write_json(os.path.join(self.model_dir, STATE_FILE), self.state)
         _save_model(self.model, checkpoint_path(self.model_dir, epoch + 1))
         _write_history_csv(os.path.join(self.model_dir, HISTORY_FILE), self.rows)
+        if self.keep:
+            _prune_checkpoints(self.model_dir, self.keep)
 
 
-def _knn_arrays(cfg):
+def _knn_arrays(cfg, log):
     """Labelled (memory, queries) arrays for the kNN evaluation, or None without labels."""
+    try:
+        _, _, num_classes = sources.load_split(cfg.dataset, cfg.eval_split, cfg.data_dir,
+                                               cfg.download, on_bad_image=cfg.on_bad_image)
+    except folder.FolderError as err:  # An image folder without an evaluation split.
+        log(f"no kNN evaluation: {err}")
+        return None
+    if num_classes == 0:
+        log(f"no kNN evaluation: {cfg.dataset} has no labels (class subfolders).")
+        return None
     train = sources.load_arrays(cfg.dataset, cfg.train_split, cfg.image_size, cfg.data_dir,
-                                cfg.download, cfg.max_eval_examples)
+                                cfg.download, cfg.max_eval_examples, cfg.on_bad_image)
     test = sources.load_arrays(cfg.dataset, cfg.eval_split, cfg.image_size, cfg.data_dir,
-                               cfg.download, cfg.max_eval_examples)
-    _, _, num_classes = sources.load_split(cfg.dataset, cfg.eval_split, cfg.data_dir,
-                                           cfg.download)
+                               cfg.download, cfg.max_eval_examples, cfg.on_bad_image)
     return train, test, num_classes
 
 
 def _knn(encoder, arrays, cfg):
+    if arrays is None:
+        return None
     (x_train, y_train), (x_test, y_test), num_classes = arrays
     return knn.evaluate_encoder(encoder, x_train, y_train, x_test, y_test, num_classes,
                                 k=cfg.knn_k, temperature=cfg.knn_temperature)
@@ -281,7 +309,10 @@ def restore(model, path, strategy):
 
 
 def _monitors(cfg, arrays):
-    """kNN monitor and weak-label diagnostics on a fixed labelled batch."""
+    """kNN monitor and weak-label diagnostics on a fixed labelled batch (none without
+    labels)."""
+    if arrays is None:
+        return []
     (x_train, y_train), _, num_classes = arrays
     every = cfg.eval_every_epochs or cfg.epochs
     n = min(cfg.global_batch_size, len(x_train))
@@ -297,24 +328,78 @@ def _monitors(cfg, arrays):
 
 def _steps_per_epoch(cfg):
     _, num_examples, _ = sources.load_split(cfg.dataset, cfg.train_split, cfg.data_dir,
-                                            cfg.download, cfg.max_train_examples, cfg.seed)
+                                            cfg.download, cfg.max_train_examples, cfg.seed,
+                                            on_bad_image=cfg.on_bad_image)
     return pipeline.pretrain_steps_per_epoch(cfg, num_examples)
 
 
+def _check_replicas(cfg, replicas):
+    if cfg.global_batch_size % replicas:
+        raise ConfigError(
+            f"global_batch_size {cfg.global_batch_size} is not divisible by the {replicas} "
+            f"replicas of --strategy={cfg.strategy}: use a multiple of {replicas} (e.g. "
+            f"{replicas * max(1, round(cfg.global_batch_size / replicas))}).")
+
+
+def checkpoint_bytes(model):
+    """Rough size of one training checkpoint: model variables + optimizer slots, float32."""
+    count = sum(int(math.prod(v.shape)) for v in model.weights)
+    count += sum(int(math.prod(v.shape)) for v in model.trainable_weights)  # momentum
+    return 4 * count
+
+
+def _check_disk_space(cfg, model):
+    """Room for the kept epoch checkpoints plus final.keras, with a 10% margin."""
+    needed = checkpoint_bytes(model) * ((cfg.keep_checkpoints or cfg.epochs) + 1) * 1.1
+    free = shutil.disk_usage(cfg.model_dir).free
+    if free < needed:
+        raise ConfigError(
+            f"not enough free disk for checkpoints in {cfg.model_dir!r}: {free / 2**20:,.0f} "
+            f"MiB free, about {needed / 2**20:,.0f} MiB needed ("
+            f"{checkpoint_bytes(model) / 2**20:,.0f} MiB per checkpoint, "
+            f"{cfg.keep_checkpoints or cfg.epochs} kept + final.keras): free space, choose "
+            f"another --model_dir, or lower --keep_checkpoints.")
+
+
+def _nonfinite_message(cfg, info, model_dir):
+    epochs_done, path = latest_checkpoint(model_dir)
+    kept = (f"the last good checkpoint is {path} (epoch {epochs_done}); running the same "
+            f"command again resumes from it" if path else
+            "no epoch had finished, so there is no checkpoint to keep")
+    skipped = (f" after skipping {info['skipped_so_far'] - 1} such step(s)"
+               if cfg.skip_nonfinite_steps else "")
+    return (f"training stopped: non-finite loss or gradients at optimizer step "
+            f"{info['optimizer_step']} (epoch {info['epoch']}, batch {info['batch']}, "
+            f"learning rate {info['learning_rate']:.4g}){skipped}; that update was not "
+            f"applied and {kept}. Try a lower --base_lr, --precision=float32, or "
+            f"--skip_nonfinite_steps=N to step over rare bad batches.")
+
+
+def _percent(value):
+    return "n/a (no labels)" if value is None else f"{100 * value:.2f}%"
+
+
 def _summary(cfg, results):
+    if results.get("knn_top1") is None and results.get("random_encoder_knn_top1") is None:
+        return (f"trained {cfg.backbone} on {cfg.dataset} for "
+                f"{results['train_seconds'] / 60:.1f} min without a kNN evaluation (no "
+                f"labelled {cfg.eval_split!r} split); model in {results['checkpoint']}")
     return (f"kNN top-1 (k={cfg.knn_k}, T={cfg.knn_temperature}) on {cfg.dataset}:"
             f"{cfg.eval_split}: {'WCL' if cfg.graph_loss_weight > 0 else 'SimCLR'} encoder "
-            f"{100 * results['knn_top1']:.2f}% | randomly "
-            f"initialised encoder {100 * results['random_encoder_knn_top1']:.2f}%  (trained "
+            f"{_percent(results['knn_top1'])} | randomly "
+            f"initialised encoder {_percent(results['random_encoder_knn_top1'])}  (trained "
             f"{results['train_seconds'] / 60:.1f} min; model in {results['checkpoint']})")
 
 
-def run(cfg, log=print, on_ready=None):
+def run(cfg, log=print, on_ready=None, callbacks=()):
     """Pretrain with WCL as `cfg` says, resuming a run in cfg.model_dir; returns results.
 
     The results dict is also written to results.json. A finished run in cfg.model_dir is
     not trained again: its results.json is returned. on_ready(cfg), if given, is called
-    once model_dir is known to be usable (the CLI writes flags.txt there).
+    once model_dir is known to be usable (the CLI writes flags.txt there). callbacks:
+    extra Keras callbacks for model.fit. Raises ConfigError / DataError before the first
+    step for bad settings or data, NonFiniteLossError when a non-finite step stops
+    training (the epoch checkpoints stay as they were).
     """
     cfg.validate()
     _prepare_model_dir(cfg)
@@ -330,20 +415,25 @@ def run(cfg, log=print, on_ready=None):
 
     strategy = strategy_lib.build_strategy(cfg.strategy, cfg.tpu)
     replicas = strategy.num_replicas_in_sync
+    _check_replicas(cfg, replicas)
     steps_per_epoch = _steps_per_epoch(cfg)
-    arrays = _knn_arrays(cfg)
+    if folder.is_folder_dataset(cfg.dataset):
+        log(folder.scan_folder(cfg.dataset, cfg.train_split, cfg.on_bad_image).report())
+    arrays = _knn_arrays(cfg, log)
     log(f"wcl_tf: {cfg.backbone} on {cfg.dataset} ({cfg.image_size} px), "
         f"{replicas} replica(s), global batch {cfg.global_batch_size}, "
         f"{steps_per_epoch} steps x {cfg.epochs} epochs, lambda={cfg.graph_loss_weight}, "
         f"gather_grad={cfg.gather_grad}, peak lr {cfg.learning_rate():.4g}")
 
     model = build(cfg, strategy, steps_per_epoch)
+    _check_disk_space(cfg, model)
     epochs_done, path = latest_checkpoint(cfg.model_dir)
     rows, state = _epoch_rows(cfg.model_dir, epochs_done)
     random_top1 = state.get("random_encoder_knn_top1")
     if random_top1 is None:  # Before restoring: the weights are the random ones here.
         random_top1 = _knn(model.backbone, arrays, cfg)
-    log(f"kNN top-1 of the randomly initialised encoder: {100 * random_top1:.2f}%")
+    if random_top1 is not None:
+        log(f"kNN top-1 of the randomly initialised encoder: {100 * random_top1:.2f}%")
     initial_step = 0
     if path is not None:
         initial_step = restore(model, path, strategy)
@@ -363,19 +453,24 @@ def run(cfg, log=print, on_ready=None):
     history_csv = os.path.join(cfg.model_dir, HISTORY_FILE)
     if is_chief:
         _write_history_csv(history_csv, rows)  # Drops rows of epochs not checkpointed.
-    checkpoint = _EpochCheckpoint(cfg.model_dir, rows, state, write=is_chief)
-    callbacks = _monitors(cfg, arrays) + [
+    guard = callbacks_lib.NonFiniteGuard(cfg.skip_nonfinite_steps, log)
+    checkpoint = _EpochCheckpoint(cfg.model_dir, rows, state, write=is_chief, guard=guard,
+                                  keep=cfg.keep_checkpoints)
+    all_callbacks = _monitors(cfg, arrays) + [
         _LearningRateLogger(),
-        keras.callbacks.TerminateOnNaN(),
+        guard,
         checkpoint,
         keras.callbacks.TensorBoard(os.path.join(cfg.model_dir, "logs"), update_freq="epoch"),
+        *callbacks,
     ]
     train_seconds = state["train_seconds"]
     if epochs_done < cfg.epochs:
         model.fit(dataset, epochs=cfg.epochs, initial_epoch=epochs_done,
-                  steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=cfg.verbose,
-                  shuffle=False)
+                  steps_per_epoch=steps_per_epoch, callbacks=all_callbacks,
+                  verbose=cfg.verbose, shuffle=False)
         train_seconds = checkpoint.train_seconds()
+    if guard.tripped is not None:
+        raise NonFiniteLossError(_nonfinite_message(cfg, guard.tripped, cfg.model_dir))
 
     final_path = os.path.join(cfg.model_dir, FINAL_CHECKPOINT)
     if is_chief:
@@ -383,7 +478,7 @@ def run(cfg, log=print, on_ready=None):
     knn_history = [[r["epoch"], r["knn_top1"]] for r in rows if "knn_top1" in r]
     final_row = rows[-1] if rows else {}
     top1 = final_row.get("knn_top1")
-    if top1 is None:  # The last epoch did not finish (non-finite loss).
+    if top1 is None:
         top1 = _knn(model.backbone, arrays, cfg)
     results = {
         "knn_top1": top1,

@@ -36,8 +36,10 @@ def nearest_neighbours(v):
     sim = sim - 3.0 * tf.eye(n, dtype=sim.dtype)
     best = tf.reduce_max(sim, axis=1, keepdims=True)
     cols = tf.range(n, dtype=tf.int32)[tf.newaxis, :]
-    # Lowest index among the maxima: tf.argmax does not promise a tie-break.
-    return tf.reduce_min(tf.where(sim >= best, cols, n), axis=1)
+    # Lowest index among the maxima: tf.argmax does not promise a tie-break. A row
+    # with NaNs matches nothing (n); clamping keeps every index valid so that such a
+    # step still runs to its non-finite loss, which the train step then discards.
+    return tf.minimum(tf.reduce_min(tf.where(sim >= best, cols, n), axis=1), n - 1)
 
 
 def components_of_functional_graph(nn):

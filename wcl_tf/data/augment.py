@@ -16,10 +16,10 @@ keras-cv 0.9.0 / Keras 3.15 versus plain TF, measured on this project's shared
                              RandomApply(jitter)   3,900   (fixed order:        11,900)
     grayscale (p=0.2)        Grayscale + mask     25,600   rgb_to_grayscale     19,500  keras-cv
                              RandomApply(gray)    23,100
-    Gaussian blur (p=0.5)    RandomGaussianBlur   19,300-  per-image depthwise  17,200- keras-cv(2)
+    Gaussian blur (p=0.5)    RandomGaussianBlur   19,300-  per-image depthwise  17,200- TF (2)
                                + mask             27,000     conv + mask        26,200
       224 px, batch 16, k=23                      520-600                      495-520
-    horizontal flip          keras RandomFlip     24,600   tf.where(reverse)    23,000  Keras
+    horizontal flip          keras RandomFlip     24,600   tf.where(reverse)    23,000  TF (3)
     whole strong view        all keras-cv (masks)  3,100   this file             3,460
                              (RandomApply)         2,000
     (identity map: 157,000-232,000.) Whole pipeline, CIFAR-10 batch 256, two strong
@@ -30,22 +30,24 @@ keras-cv 0.9.0 / Keras 3.15 versus plain TF, measured on this project's shared
     through x / (1 - x), fixed order. This file's jitter has torchvision's meaning
     and per-image random order at the same speed (fixed order would be ~12,000).
 (2) RandomGaussianBlur pads with zeros (torchvision reflects), so a blurred view has
-    a slightly darker frame a few pixels wide; only ImageNet-sized runs blur.
+    a slightly darker frame a few pixels wide, and it draws sigma from its own layer
+    generator, which no per-batch seed reaches. gaussian_blur below reflects and takes
+    sigma from the stateless seed; only ImageNet-sized runs blur.
+(3) Same speed within noise; the stateless mask makes views reproducible (--seed).
 RandomApply runs its layer image by image (tf.map_fn): a per-image mask from the
 stateless seed is used instead. keras-cv's RandomCropAndResize also runs per image
 (tf.map_fn), hence its 10x. WEAK versus STRONG is chosen per batch by selecting the
 numbers of the recipe (select_spec), so it costs nothing: no tf.cond, no second view.
 
-Randomness: crop, jitter and the per-image "apply with p" masks come from stateless
-ops keyed by a (2,) seed tensor (the pipeline derives it from cfg.seed and the batch
-index); the Keras / keras-cv layers (flip, blur sigma) draw from their own seeded
-generators, so views are not bit-reproducible under parallel tf.data maps.
+Randomness: every draw (crop boxes, jitter factors and order, blur sigma, flips, the
+per-image "apply with p" masks) comes from stateless ops keyed by a (2,) seed tensor that
+the pipeline derives from cfg.seed and the batch index, so a view depends only on its
+images, the recipe and that seed: bit-reproducible under parallel tf.data maps.
 """
 
 import dataclasses
 import functools
 
-import keras
 import keras_cv
 import tensorflow as tf
 
@@ -200,6 +202,27 @@ def color_jitter(images, brightness, contrast, saturation, hue, seed):
     return images
 
 
+def gaussian_blur(images, kernel_size, sigma):
+    """torchvision GaussianBlur: per-image sigma (b,), odd kernel_size, reflect padding.
+
+    One separable depthwise convolution for the whole batch: the images are laid side by
+    side as the channels of a single image, each with its own 1-D kernel.
+    """
+    b, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+    half = kernel_size // 2
+    x = tf.range(-half, half + 1, dtype=tf.float32)
+    kernels = tf.exp(-tf.square(x)[None, :] / (2.0 * tf.square(sigma)[:, None]))  # (b, k)
+    kernels /= tf.reduce_sum(kernels, axis=1, keepdims=True)
+    kernels = tf.transpose(tf.repeat(kernels, 3, axis=0))  # (k, b*3), image-major
+    stacked = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, height, width, b * 3])
+    stacked = tf.pad(stacked, [[0, 0], [half, half], [half, half], [0, 0]], mode="REFLECT")
+    stacked = tf.nn.depthwise_conv2d(stacked, tf.reshape(kernels, [kernel_size, 1, -1, 1]),
+                                     [1, 1, 1, 1], "VALID")
+    stacked = tf.nn.depthwise_conv2d(stacked, tf.reshape(kernels, [1, kernel_size, -1, 1]),
+                                     [1, 1, 1, 1], "VALID")
+    return tf.transpose(tf.reshape(stacked, [height, width, b, 3]), [2, 0, 1, 3])
+
+
 def blur_kernel_size(image_size):
     """Odd kernel of about 10% of the image side (SimCLR: 23 px at 224)."""
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
@@ -210,32 +233,27 @@ class ViewAugmenter:
 
     images_uint8: (b, S, S, 3) uint8 (S = image_size); spec: an AugmentSpec (numbers
     may be tensors, see select_spec); seed: (2,) int tensor for the stateless draws.
-    Returns float32 (b, S, S, 3) in [0, 1]. `layer_seed` seeds the Keras layers; give
-    each view its own. Build it outside tf.data functions and reuse it.
+    Returns float32 (b, S, S, 3) in [0, 1]. Every draw comes from `seed`: the same
+    images, spec and seed give the same view. Build it outside tf.data functions and
+    reuse it.
     """
 
-    def __init__(self, image_size, blur=False, layer_seed=0, output_size=None):
+    def __init__(self, image_size, blur=False, output_size=None):
         self.image_size = int(image_size)
         # Side of the produced views; smaller than image_size for multi-crop local crops.
         self.output_size = int(output_size or image_size)
         self.blur = bool(blur)
-        self.layer_seed = int(layer_seed)
         # float32 whatever the global mixed-precision policy.
         self._grayscale = keras_cv.layers.Grayscale(output_channels=3, dtype="float32")
-        self._flip = keras.layers.RandomFlip("horizontal", seed=self.layer_seed,
-                                             dtype="float32")
-        self._blur = None
-        if self.blur:
-            self._blur = keras_cv.layers.RandomGaussianBlur(
-                kernel_size=blur_kernel_size(self.output_size), factor=BLUR_SIGMA,
-                seed=self.layer_seed + 1, dtype="float32")
+        self._blur_kernel = blur_kernel_size(self.output_size)
 
     def __call__(self, images_uint8, spec, seed):
         size = self.image_size
         if tuple(images_uint8.shape[1:]) != (size, size, 3):
             raise ValueError(f"ViewAugmenter(image_size={size}) expects (b, {size}, {size}, 3) "
                              f"images, got {images_uint8.shape}: resize before batching.")
-        crop_seed, jitter_seed, jitter_p_seed, gray_p_seed, blur_p_seed = _split(seed, 5)
+        (crop_seed, jitter_seed, jitter_p_seed, gray_p_seed, blur_p_seed, sigma_seed,
+         flip_seed) = _split(seed, 7)
         images = tf.cast(images_uint8, tf.float32) / 255.0
         images = random_resized_crop(images, self.output_size, spec.crop_scale, spec.crop_ratio,
                                      crop_seed)
@@ -244,23 +262,24 @@ class ViewAugmenter:
         images = _apply_with_prob(spec.jitter_prob, jitter_p_seed, jittered, images)
         images = _apply_with_prob(spec.grayscale_prob, gray_p_seed, self._grayscale(images),
                                   images)
-        if self._blur is not None:
-            images = _apply_with_prob(spec.blur_prob, blur_p_seed, self._blur(images), images)
-        images = self._flip(images)
+        if self.blur:
+            sigma = _uniform([tf.shape(images)[0]], sigma_seed, *BLUR_SIGMA)
+            images = _apply_with_prob(spec.blur_prob, blur_p_seed,
+                                      gaussian_blur(images, self._blur_kernel, sigma), images)
+        images = _apply_with_prob(0.5, flip_seed, tf.reverse(images, axis=[2]), images)
         images = tf.clip_by_value(images, 0.0, 1.0)
         images.set_shape([images_uint8.shape[0], self.output_size, self.output_size, 3])
         return images
 
 
 @functools.lru_cache(maxsize=None)
-def view_augmenters(image_size, blur=False, layer_seed=0):
-    """The (view_1, view_2) ViewAugmenter pair for these settings, built once."""
-    return (ViewAugmenter(image_size, blur, layer_seed=2 * layer_seed),
-            ViewAugmenter(image_size, blur, layer_seed=2 * layer_seed + 1000003))
+def view_augmenter(image_size, blur=False):
+    """The ViewAugmenter of the global views for these settings, built once."""
+    return ViewAugmenter(image_size, blur)
 
 
 def two_views(images_uint8, strong, image_size, blur=False, seed=None, strong_spec=STRONG,
-              weak_spec=WEAK, layer_seed=0):
+              weak_spec=WEAK):
     """Two augmented views of a batch of uint8 (b, S, S, 3) images.
 
     strong: scalar bool tensor (or bool), strong_spec if true else weak_spec, for the
@@ -270,21 +289,20 @@ def two_views(images_uint8, strong, image_size, blur=False, seed=None, strong_sp
     if seed is None:
         seed = tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
     spec = select_spec(strong, strong_spec, weak_spec)
-    first, second = view_augmenters(int(image_size), bool(blur), int(layer_seed))
+    augmenter = view_augmenter(int(image_size), bool(blur))
     seed_1, seed_2 = _split(seed, 2)
-    return first(images_uint8, spec, seed_1), second(images_uint8, spec, seed_2)
+    return augmenter(images_uint8, spec, seed_1), augmenter(images_uint8, spec, seed_2)
 
 
 @functools.lru_cache(maxsize=None)
-def local_augmenter(image_size, local_size, blur=False, layer_seed=0):
+def local_augmenter(image_size, local_size, blur=False):
     """The ViewAugmenter of multi-crop local crops (image_size -> local_size), built once."""
-    return ViewAugmenter(image_size, blur, layer_seed=2 * layer_seed + 2000003,
-                         output_size=local_size)
+    return ViewAugmenter(image_size, blur, output_size=local_size)
 
 
 def multi_crop_views(images_uint8, strong, image_size, num_local, local_size,
                      global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), blur=False,
-                     seed=None, strong_spec=STRONG, weak_spec=WEAK, layer_seed=0):
+                     seed=None, strong_spec=STRONG, weak_spec=WEAK):
     """Two global views plus num_local small crops per image (WCL_SPEC section 3).
 
     Global views use crop scale `global_scale`, local crops `local_scale`; colour, blur
@@ -298,14 +316,14 @@ def multi_crop_views(images_uint8, strong, image_size, num_local, local_size,
         spec, crop_scale=tuple(tf.constant(x, tf.float32) for x in global_scale))
     local_spec = dataclasses.replace(
         spec, crop_scale=tuple(tf.constant(x, tf.float32) for x in local_scale))
-    first, second = view_augmenters(int(image_size), bool(blur), int(layer_seed))
-    local = local_augmenter(int(image_size), int(local_size), bool(blur), int(layer_seed))
+    augmenter = view_augmenter(int(image_size), bool(blur))
+    local = local_augmenter(int(image_size), int(local_size), bool(blur))
     seed_1, seed_2, seed_3 = _split(seed, 3)
     b = tf.shape(images_uint8)[0]
     crops = local(tf.repeat(images_uint8, num_local, axis=0), local_spec, seed_3)
     crops = tf.reshape(crops, [b, num_local, local_size, local_size, 3])
     if images_uint8.shape[0] is not None:
         crops.set_shape([images_uint8.shape[0], num_local, local_size, local_size, 3])
-    return {"view_1": first(images_uint8, global_spec, seed_1),
-            "view_2": second(images_uint8, global_spec, seed_2),
+    return {"view_1": augmenter(images_uint8, global_spec, seed_1),
+            "view_2": augmenter(images_uint8, global_spec, seed_2),
             "local": crops}

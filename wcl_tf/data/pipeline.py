@@ -62,7 +62,8 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
     """
     image_size = cfg.image_size
     ds, num_examples, _ = load_split(cfg.dataset, cfg.train_split, cfg.data_dir,
-                                     cfg.download, cfg.max_train_examples, cfg.seed)
+                                     cfg.download, cfg.max_train_examples, cfg.seed,
+                                     on_bad_image=cfg.on_bad_image)
     if steps_per_epoch is None:
         steps_per_epoch = pretrain_steps_per_epoch(cfg, num_examples)
     num_pipelines, pipeline_id, replicas_per_pipeline = 1, 0, 1
@@ -102,11 +103,10 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
             return augment.multi_crop_views(
                 images, strong, image_size, cfg.num_local_crops, cfg.local_crop_size,
                 global_scale=cfg.global_crop_scale, local_scale=cfg.local_crop_scale,
-                blur=cfg.blur, seed=seed, strong_spec=strong_spec, weak_spec=weak_spec,
-                layer_seed=cfg.seed)
+                blur=cfg.blur, seed=seed, strong_spec=strong_spec, weak_spec=weak_spec)
         view_1, view_2 = augment.two_views(images, strong, image_size, blur=cfg.blur,
                                            seed=seed, strong_spec=strong_spec,
-                                           weak_spec=weak_spec, layer_seed=cfg.seed)
+                                           weak_spec=weak_spec)
         return {"view_1": view_1, "view_2": view_2}
 
     ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE)
@@ -124,7 +124,8 @@ def distribute_pretrain_dataset(strategy, cfg, initial_step=0):
             f"global_batch_size {cfg.global_batch_size} is not divisible by the {replicas} "
             f"replicas: use a multiple of {replicas}.")
     _, num_examples, _ = load_split(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.download,
-                                    cfg.max_train_examples, cfg.seed)
+                                    cfg.max_train_examples, cfg.seed,
+                                    on_bad_image=cfg.on_bad_image)
     steps = pretrain_steps_per_epoch(cfg, num_examples)
 
     def dataset_fn(ctx):
@@ -145,12 +146,11 @@ def save_view_grid(cfg, path, num_images=8):
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
     ds, _, _ = load_split(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.download,
-                          num_images, cfg.seed)
+                          num_images, cfg.seed, on_bad_image=cfg.on_bad_image)
     images = next(iter(ds.map(lambda image, label: _resize_uint8(image, cfg.image_size))
                        .batch(num_images)))
     seed = tf.constant([cfg.seed, 0], tf.int64)
-    view_1, view_2 = augment.two_views(images, True, cfg.image_size, blur=cfg.blur, seed=seed,
-                                       layer_seed=cfg.seed)
+    view_1, view_2 = augment.two_views(images, True, cfg.image_size, blur=cfg.blur, seed=seed)
     rows = [("original", images.numpy() / 255.0), ("view 1", view_1.numpy()),
             ("view 2", view_2.numpy())]
     count = images.shape[0]

@@ -1,4 +1,5 @@
-"""Where images come from: the offline embedded MNIST digits, or any TFDS dataset.
+"""Where images come from: the offline embedded MNIST digits, a folder of image files
+(wcl_tf.data.folder), or any TFDS dataset.
 
 Every source yields `(image uint8 (H, W, 3), label int64)`; grayscale sources are
 repeated to 3 channels. Nothing here downloads unless `download=True` is passed:
@@ -123,19 +124,26 @@ def _load_tfds(dataset, split, data_dir, download, max_examples, seed):
     return ds.map(to_rgb, num_parallel_calls=tf.data.AUTOTUNE), num_examples, num_classes
 
 
-def load_split(dataset, split, data_dir=None, download=False, max_examples=0, seed=0):
+def load_split(dataset, split, data_dir=None, download=False, max_examples=0, seed=0,
+               on_bad_image="skip"):
     """Returns (tf.data.Dataset of (image uint8 (H, W, 3), label int64), num_examples,
     num_classes).
 
-    dataset: 'embedded_mnist' (offline) or a TFDS name. split: 'train' / 'test' for
-    embedded_mnist, any TFDS split string otherwise. max_examples > 0 keeps the first
-    that many examples. seed: TFDS read seed (files are read in order; the embedded
-    permutation is fixed).
+    dataset: 'embedded_mnist' (offline), 'folder:/path' (images on disk, see
+    wcl_tf.data.folder; label -1 and num_classes 0 without class subfolders) or a TFDS
+    name. split: 'train' / 'test' for embedded_mnist and folders, any TFDS split string
+    otherwise. max_examples > 0 keeps the first that many examples. seed: TFDS read seed
+    (files are read in order; the embedded permutation is fixed). on_bad_image: folders
+    only, 'skip' undecodable files or 'fail' with their list.
     """
     if max_examples < 0:
         raise DataError(f"max_examples must be >= 0 (0: all), got {max_examples}.")
     if dataset == EMBEDDED_MNIST:
         return _load_embedded_mnist(split, max_examples)
+    from wcl_tf.data import folder  # pylint: disable=import-outside-toplevel
+
+    if folder.is_folder_dataset(dataset):
+        return folder.load_folder(dataset, split, max_examples, on_bad_image)
     return _load_tfds(dataset, split, data_dir, download, max_examples, seed)
 
 
@@ -148,13 +156,15 @@ def resize_images(images, image_size):
     return tf.image.resize(images, [image_size, image_size], method="bilinear")
 
 
-def load_arrays(dataset, split, image_size, data_dir=None, download=False, max_examples=0):
+def load_arrays(dataset, split, image_size, data_dir=None, download=False, max_examples=0,
+                on_bad_image="skip"):
     """The whole split as arrays, for kNN / linear evaluation.
 
     Returns images float32 (N, S, S, 3) in [0, 1], resized bilinearly to S = image_size,
     and labels int64 (N,).
     """
-    ds, num_examples, _ = load_split(dataset, split, data_dir, download, max_examples)
+    ds, num_examples, _ = load_split(dataset, split, data_dir, download, max_examples,
+                                     on_bad_image=on_bad_image)
     ds = ds.map(lambda image, label: (resize_images(image, image_size) / 255.0, label),
                 num_parallel_calls=tf.data.AUTOTUNE)
     images = np.zeros((num_examples, image_size, image_size, 3), np.float32)

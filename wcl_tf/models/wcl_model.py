@@ -91,6 +91,8 @@ class WCLModel(keras.Model):
         if self.knn_crops:
             names += list(_LOCAL_METRICS)
         self._trackers = {name: keras.metrics.Mean(name=name) for name in names}
+        # Steps of this epoch whose loss or gradients were not finite (never applied).
+        self._trackers["nonfinite_steps"] = keras.metrics.Sum(name="nonfinite_steps")
 
     @property
     def metrics(self):
@@ -196,10 +198,61 @@ class WCLModel(keras.Model):
                                  + _in_large_component(labels2, rows))) / global_anchors,
         ]
 
-    def _update_metrics(self, logs):
+    def _update_metrics(self, logs, finite=True):
+        """Epoch means of the logs over finite steps; nonfinite_steps counts the others."""
+        finite = tf.convert_to_tensor(finite)
+        weight = tf.cast(finite, tf.float32)
         for name, value in logs.items():
-            self._trackers[name].update_state(value)
+            self._trackers[name].update_state(tf.where(finite, value, 0.0),
+                                              sample_weight=weight)
+        self._trackers["nonfinite_steps"].update_state(1.0 - weight)
         return {name: tracker.result() for name, tracker in self._trackers.items()}
+
+    def _step_is_finite(self, loss, grads):
+        """Scalar bool, the same on every replica: the global loss is finite and, unless
+        dynamic loss scaling handles overflowing gradients itself, so is every gradient."""
+        finite = tf.math.is_finite(loss)
+        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # A NaN or Inf anywhere makes the sum non-finite: one pass over the gradients.
+            grads_ok = tf.math.is_finite(tf.add_n(
+                [tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads if g is not None]))
+            # Replicas hold different gradients before the all-reduce: agree on the flag.
+            bad_replicas = distributed.global_sum(1.0 - tf.cast(grads_ok, tf.float32))
+            finite = tf.logical_and(finite, bad_replicas == 0.0)
+        return finite
+
+    def _apply_if_finite(self, finite, grads, variables):
+        """optimizer.apply(grads) when `finite` (equal on all replicas), else only count
+        the step, so that the schedule and the data stay aligned.
+
+        MirroredStrategy's optimizer update calls merge_call, which may not sit inside a
+        tf.cond in replica context: there the cond runs in cross-replica context (as
+        Keras' LossScaleOptimizer does).
+        """
+        def skip():
+            self.optimizer.iterations.assign_add(1)
+            return tf.constant(False)
+
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            def apply():
+                self.optimizer.apply(grads, variables)
+                return tf.constant(True)
+
+            tf.cond(finite, apply, skip)
+            return
+
+        def cross_replica(strategy, finite, grads, variables):
+            finite = strategy.experimental_local_results(finite)[0]
+
+            def apply():
+                strategy.extended.call_for_each_replica(self.optimizer.apply,
+                                                        args=(grads, variables))
+                return tf.constant(True)
+
+            tf.cond(finite, apply, skip)
+
+        tf.distribute.get_replica_context().merge_call(cross_replica,
+                                                       args=(finite, grads, variables))
 
     def train_step(self, data):
         with tf.GradientTape() as tape:
@@ -207,8 +260,9 @@ class WCLModel(keras.Model):
             scaled = self.optimizer.scale_loss(loss_share)
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
-        self.optimizer.apply(grads, variables)
-        return _multi_worker_logs(self._update_metrics(logs))
+        finite = self._step_is_finite(logs["loss"], grads)
+        self._apply_if_finite(finite, grads, variables)
+        return _multi_worker_logs(self._update_metrics(logs, finite))
 
     def test_step(self, data):
         _, logs = self.compute_objective(data, training=False)
