@@ -6,6 +6,7 @@
     python tools/benchmark.py pipeline --image_size=32 --num_local_crops=4 --local_crop_size=16
     python tools/benchmark.py profile --backbone=resnet50 --batch_sizes=32 --image_size=224
     python tools/benchmark.py ratio --configs=configs/demo.flags,configs/cifar10_r18.flags
+    python tools/benchmark.py ops --image_size=224 --batch_size=32
 
 Each prints a markdown table and, with --out=FILE.json, writes the numbers. Timings are
 the median of --repeats timed steps after --warmup untimed ones, on whatever machine runs
@@ -241,8 +242,9 @@ def bench_weak_labels():
     for n in map(int, FLAGS.sizes):
         rng = np.random.default_rng(0)
         v = tf.math.l2_normalize(tf.constant(rng.normal(size=(n, FLAGS.dim)), tf.float32), 1)
-        in_graph = tf.function(weak_labels.weak_labels)
-        nn_only = tf.function(weak_labels.nearest_neighbours)
+        in_graph = tf.function(weak_labels.weak_labels)  # XLA-compiled inside
+        # XLA too, so that the host paths below get the fastest 1-NN there is.
+        nn_only = tf.function(weak_labels.nearest_neighbours, jit_compile=True)
 
         def tf_path():
             in_graph(v).numpy()
@@ -305,6 +307,62 @@ def _keras_cv_two_views(image_size, blur=False):
         return {"view_1": first(x), "view_2": second(x)}
 
     return views
+
+
+def bench_ops():
+    """Each augmentation op, wcl_tf's plain-TF version against the keras-cv / Keras layer,
+    on one batch of --batch_size images of --image_size px (graph mode, images/s)."""
+    import keras
+    import keras_cv
+    import numpy as np
+    import tensorflow as tf
+
+    from wcl_tf.data import augment
+
+    size, batch = FLAGS.image_size, FLAGS.batch_size
+    images = tf.constant(np.random.default_rng(0).uniform(size=(batch, size, size, 3)),
+                         tf.float32)
+    seed = tf.constant([1, 2], tf.int64)
+    kernel = augment.blur_kernel_size(size)
+    sigma = tf.random.stateless_uniform([batch], [3, 4], 0.1, 2.0)
+    spec = augment.STRONG
+    ours = {
+        "random resized crop": lambda x: augment.random_resized_crop(
+            x, size, spec.crop_scale, spec.crop_ratio, seed),
+        "colour jitter (all images)": lambda x: augment.color_jitter(
+            x, spec.brightness, spec.contrast, spec.saturation, spec.hue, seed),
+        "grayscale": lambda x: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 1, 3]),
+        "Gaussian blur (all images)": lambda x: augment.gaussian_blur(x, kernel, sigma),
+        "horizontal flip": lambda x: augment._apply_with_prob(
+            0.5, seed, tf.reverse(x, axis=[2]), x),
+    }
+    layers = {
+        "random resized crop": keras_cv.layers.RandomCropAndResize(
+            (size, size), spec.crop_scale, spec.crop_ratio),
+        "colour jitter (all images)": keras_cv.layers.RandomColorJitter(
+            (0, 1), 0.8, 0.8, (0.1, 0.9), 0.2),
+        "grayscale": keras_cv.layers.Grayscale(output_channels=3),
+        "Gaussian blur (all images)": keras_cv.layers.RandomGaussianBlur(kernel, (0.1, 2.0)),
+        "horizontal flip": keras.layers.RandomFlip("horizontal"),
+    }
+    rows = []
+    for name, fn in ours.items():
+        layer = layers[name]
+        rates = {}
+        for who, op in (("wcl_tf", tf.function(fn)),
+                        ("keras-cv / Keras", tf.function(lambda x, l=layer: l(x, training=True)))):
+            median, _ = _timed(lambda op=op: op(images).numpy(), FLAGS.warmup, FLAGS.repeats)
+            rates[who] = batch / median
+        rows.append({"op": name, "image_size": size, "batch": batch,
+                     "wcl_tf_images_per_s": round(rates["wcl_tf"], 1),
+                     "keras_cv_images_per_s": round(rates["keras-cv / Keras"], 1),
+                     "layer": type(layer).__module__.split(".")[0] + "." + type(layer).__name__})
+        print(f"  {rows[-1]}", flush=True)
+    header = (f"| op ({size} px, batch {batch}) | wcl_tf, plain TF (images/s) | layer | layer "
+              "(images/s) |\n|---|---|---|---|")
+    lines = [f"| {r['op']} | {r['wcl_tf_images_per_s']:.0f} | {r['layer']} | "
+             f"{r['keras_cv_images_per_s']:.0f} |" for r in rows]
+    return rows, "\n".join([header] + lines)
 
 
 def bench_pipeline():
@@ -445,7 +503,8 @@ def bench_ratio():
 
 def main(argv):
     modes = {"step": bench_step, "weak_labels": bench_weak_labels,
-             "pipeline": bench_pipeline, "profile": bench_profile, "ratio": bench_ratio}
+             "pipeline": bench_pipeline, "profile": bench_profile, "ratio": bench_ratio,
+             "ops": bench_ops}
     if len(argv) != 2 or argv[1] not in modes:
         raise app.UsageError(f"usage: benchmark.py {'|'.join(modes)} [--flags]")
     logging.set_verbosity(logging.WARNING)

@@ -145,7 +145,7 @@ def latest_checkpoint(model_dir):
 
 
 def _prune_checkpoints(model_dir, keep):
-    """Deletes all but the newest `keep` epoch checkpoints (and stale partial files)."""
+    """Deletes all but the newest `keep` epoch checkpoints."""
     folder = os.path.join(model_dir, CHECKPOINT_DIR)
     epochs = sorted(int(m.group(1)) for m in map(_CHECKPOINT_NAME.match, os.listdir(folder))
                     if m)
