@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,3 +31,32 @@ def test_step_benchmark_with_local_crops(tmp_path):
                      "--num_local_crops=2", "--local_crop_size=8")
     row = result["rows"][0]
     assert row["batch"] == 8 and row["local_crops"] == 2 and row["pairs_per_s"] > 0
+
+
+def test_profile_attributes_op_time_to_parts(tmp_path):
+    result, stdout = _run(tmp_path, "profile", "--backbone=small_cnn", "--width=4",
+                          "--batch_sizes=8", "--image_size=16", "--head_hidden_dim=16",
+                          "--head_output_dim=8")
+    row = result["rows"][0]
+    assert abs(sum(row["by_part"].values()) - 1.0) < 0.01
+    assert row["by_part"]["backbone backward"] > 0 and row["by_part"]["backbone forward"] > 0
+    assert any(k.startswith("Conv2D") for k in row["by_op"])
+    assert "| op family |" in stdout
+
+
+def test_ratio_reads_a_shipped_flagfile(tmp_path):
+    result, _ = _run(tmp_path, "ratio", "--configs=configs/demo.flags", "--max_step_batch=8")
+    (row,) = result["rows"]
+    assert row["config"] == "configs/demo.flags" and row["batch"] == 8
+    assert row["image_size"] == 28 and row["dataset"] == "embedded_mnist"
+    assert row["ratio"] == pytest.approx(
+        row["pipeline_images_per_s"] / row["step_images_per_s"], abs=0.11)
+
+
+def test_ops_compares_every_augmentation_op(tmp_path):
+    result, _ = _run(tmp_path, "ops", "--image_size=16", "--batch_size=4")
+    assert [r["op"] for r in result["rows"]] == [
+        "random resized crop", "colour jitter (all images)", "grayscale",
+        "Gaussian blur (all images)", "horizontal flip"]
+    assert all(r["wcl_tf_images_per_s"] > 0 and r["keras_cv_images_per_s"] > 0
+               for r in result["rows"])

@@ -462,7 +462,7 @@ def bench_ratio():
             sources.load_split(dataset, cfg.train_split, data_dir)
         except sources.DataError:
             dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
-            stand_in = f"{dataset} resized to {cfg.image_size} px"
+            stand_in = f"{dataset} at {cfg.image_size} px (stand-in)"
         # Strong augmentation (the costlier recipe) from the first batch.
         data_cfg = cfg.replace(dataset=dataset, data_dir=data_dir, global_batch_size=batch,
                                weak_aug_epochs=0, max_train_examples=0)

@@ -128,31 +128,56 @@ def _apply_with_prob(prob, seed, augmented, images):
     return tf.where(_per_image(chosen), augmented, images)
 
 
-def random_resized_crop(images, size, scale, ratio, seed):
-    """torchvision RandomResizedCrop, vectorized: (b, H, W, 3) float -> (b, size, size, 3).
+def crop_boxes(count, scale, ratio, seed, image_aspect=1.0):
+    """torchvision RandomResizedCrop boxes: (count, 4) [top, left, bottom, right] in
+    fractions of the image side, for images of width / height `image_aspect`.
 
-    Area fraction ~ U(scale), log aspect ratio ~ U(log ratio); the first of _CROP_TRIES
-    candidates that fits inside the image is used, else the whole image. Boxes are in
-    fractions of the image side (the input is square).
+    Area fraction ~ U(scale), log aspect ratio (of the crop in pixels) ~ U(log ratio); the
+    first of _CROP_TRIES candidates that fits inside the image is used, else the whole
+    image.
     """
-    b = tf.shape(images)[0]
     area_seed, ratio_seed, y_seed, x_seed = _split(seed, 4)
-    area = _uniform([b, _CROP_TRIES], area_seed, scale[0], scale[1])
-    log_ratio = _uniform([b, _CROP_TRIES], ratio_seed, tf.math.log(ratio[0]),
+    area = _uniform([count, _CROP_TRIES], area_seed, scale[0], scale[1])
+    log_ratio = _uniform([count, _CROP_TRIES], ratio_seed, tf.math.log(ratio[0]),
                          tf.math.log(ratio[1]))
-    aspect = tf.exp(log_ratio)  # width / height
-    height = tf.sqrt(area / aspect)
-    width = tf.sqrt(area * aspect)
+    aspect = tf.exp(log_ratio)  # crop width / height, in pixels
+    image_aspect = tf.cast(image_aspect, tf.float32)
+    # Pixel sizes sqrt(area H W aspect) x sqrt(area H W / aspect), as fractions of W and H.
+    height = tf.sqrt(area * image_aspect / aspect)
+    width = tf.sqrt(area * aspect / image_aspect)
     fits = tf.logical_and(height <= 1.0, width <= 1.0)
     first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
     any_fits = tf.reduce_any(fits, axis=1)
     height = tf.where(any_fits, tf.gather(height, first, batch_dims=1), 1.0)
     width = tf.where(any_fits, tf.gather(width, first, batch_dims=1), 1.0)
-    top = _uniform([b], y_seed, 0.0, 1.0) * (1.0 - height)
-    left = _uniform([b], x_seed, 0.0, 1.0) * (1.0 - width)
-    boxes = tf.stack([top, left, top + height, left + width], axis=1)
+    top = _uniform([count], y_seed, 0.0, 1.0) * (1.0 - height)
+    left = _uniform([count], x_seed, 0.0, 1.0) * (1.0 - width)
+    return tf.stack([top, left, top + height, left + width], axis=1)
+
+
+def random_resized_crop(images, size, scale, ratio, seed):
+    """torchvision RandomResizedCrop, vectorized: (b, S, S, 3) float -> (b, size, size, 3),
+    one crop per (square) image; see crop_boxes."""
+    b = tf.shape(images)[0]
+    boxes = crop_boxes(b, scale, ratio, seed)
     return tf.image.crop_and_resize(images, boxes, tf.range(b), [size, size],
                                     method="bilinear")
+
+
+def crops_of_image(image_uint8, count, size, scale, ratio, seed):
+    """`count` random resized crops of ONE image of any size: uint8 (H, W, 3) ->
+    uint8 (count, size, size, 3).
+
+    Boxes come from the image at its own resolution and aspect ratio (torchvision's
+    order: crop, then resize), so nothing is stretched and small crops keep their detail.
+    """
+    shape = tf.shape(image_uint8)
+    aspect = tf.cast(shape[1], tf.float32) / tf.cast(shape[0], tf.float32)
+    boxes = crop_boxes(count, scale, ratio, seed, image_aspect=aspect)
+    crops = tf.image.crop_and_resize(tf.cast(image_uint8, tf.float32)[tf.newaxis], boxes,
+                                     tf.zeros([count], tf.int32), [size, size],
+                                     method="bilinear")
+    return tf.cast(tf.clip_by_value(tf.round(crops), 0.0, 255.0), tf.uint8)
 
 
 def _gray(images):
@@ -248,16 +273,19 @@ class ViewAugmenter:
         self._grayscale = keras_cv.layers.Grayscale(output_channels=3, dtype="float32")
         self._blur_kernel = blur_kernel_size(self.output_size)
 
-    def __call__(self, images_uint8, spec, seed):
-        size = self.image_size
+    def __call__(self, images_uint8, spec, seed, crop=True):
+        """crop=False: the images are crops already (crops_of_image), of the output size;
+        everything after the crop is applied."""
+        size = self.image_size if crop else self.output_size
         if tuple(images_uint8.shape[1:]) != (size, size, 3):
             raise ValueError(f"ViewAugmenter(image_size={size}) expects (b, {size}, {size}, 3) "
                              f"images, got {images_uint8.shape}: resize before batching.")
         (crop_seed, jitter_seed, jitter_p_seed, gray_p_seed, blur_p_seed, sigma_seed,
          flip_seed) = _split(seed, 7)
         images = tf.cast(images_uint8, tf.float32) / 255.0
-        images = random_resized_crop(images, self.output_size, spec.crop_scale, spec.crop_ratio,
-                                     crop_seed)
+        if crop:
+            images = random_resized_crop(images, self.output_size, spec.crop_scale,
+                                         spec.crop_ratio, crop_seed)
         jittered = color_jitter(images, spec.brightness, spec.contrast, spec.saturation,
                                 spec.hue, jitter_seed)
         images = _apply_with_prob(spec.jitter_prob, jitter_p_seed, jittered, images)
@@ -328,3 +356,30 @@ def multi_crop_views(images_uint8, strong, image_size, num_local, local_size,
     return {"view_1": augmenter(images_uint8, global_spec, seed_1),
             "view_2": augmenter(images_uint8, global_spec, seed_2),
             "local": crops}
+
+
+def cropped_views(crops, strong, image_size, local_size=None, blur=False, seed=None,
+                  strong_spec=STRONG, weak_spec=WEAK):
+    """The rest of the recipe (jitter, grayscale, blur, flip) on views already cropped from
+    the full-resolution images (crops_of_image, in the input pipeline).
+
+    crops: {"view_1", "view_2": uint8 (b, S, S, 3)[, "local": uint8 (b, M, L, L, 3)]}.
+    Returns the same keys as float32 in [0, 1], like two_views / multi_crop_views.
+    """
+    if seed is None:
+        seed = tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
+    spec = select_spec(strong, strong_spec, weak_spec)
+    augmenter = view_augmenter(int(image_size), bool(blur))
+    seed_1, seed_2, seed_3 = _split(seed, 3)
+    views = {"view_1": augmenter(crops["view_1"], spec, seed_1, crop=False),
+             "view_2": augmenter(crops["view_2"], spec, seed_2, crop=False)}
+    if "local" in crops:
+        local = crops["local"]
+        b, m = tf.shape(local)[0], local.shape[1]
+        flat = tf.reshape(local, [-1, local_size, local_size, 3])
+        out = local_augmenter(int(image_size), int(local_size), bool(blur))(
+            flat, spec, seed_3, crop=False)
+        views["local"] = tf.reshape(out, [b, m, local_size, local_size, 3])
+        if local.shape[0] is not None:
+            views["local"].set_shape([local.shape[0], m, local_size, local_size, 3])
+    return views

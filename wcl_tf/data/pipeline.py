@@ -1,9 +1,19 @@
-"""The pre-training input pipeline: source -> resize -> shuffle -> batch -> two views.
+"""The pre-training input pipeline: source -> shuffle -> batch -> views.
 
-    load_split -> shard (per input pipeline) -> resize to S (uint8) -> cache (small data)
+Sources whose images are all S x S already (CIFAR-10 at 32 px, MNIST at 28 px):
+
+    load_split -> shard (per input pipeline) -> resize to S (uint8, a no-op) -> cache
     -> shuffle (cfg.seed) -> repeat -> batch (drop_remainder) -> enumerate
     -> two_views per batch (WEAK for the first cfg.weak_aug_epochs epochs, then STRONG)
     -> prefetch
+
+Images of any other size (ImageNet, image folders, 32-px data trained at 224 px) are
+cropped one by one from the full-resolution image before batching, as torchvision's
+RandomResizedCrop does (a crop of the original, resized to S; never a stretched S x S copy):
+
+    load_split -> shard -> cache (small, fixed-size data only) -> shuffle -> repeat
+    -> enumerate -> 2 view crops (+ M local crops) per image, seeded per image
+    -> batch -> cropped_views per batch (jitter, grayscale, blur, flip) -> prefetch
 
 Augmentation happens here, in tf.data, never inside the replicated train step
 (WCL_SPEC section 2). One input pipeline feeds R = num_replicas_in_sync /
@@ -13,6 +23,7 @@ batch k is global step k // R and belongs to epoch (k // R) // steps_per_epoch. 
 stateless augmentation seed is derived from (cfg.seed, k, input pipeline id).
 """
 
+import numpy as np
 import tensorflow as tf
 
 from wcl_tf.data import augment
@@ -80,25 +91,70 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
             f"{num_examples} training examples, fewer than its batch of {batch_size}: use "
             f"more data (max_train_examples) or a smaller global_batch_size.")
 
-    ds = ds.map(lambda image, label: _resize_uint8(image, image_size),
-                num_parallel_calls=tf.data.AUTOTUNE)
-    if local_examples * image_size * image_size * 3 <= _CACHE_LIMIT_BYTES:
-        ds = ds.cache()
+    seed_base = tf.constant(cfg.seed, tf.int64)
+    source_shape = tuple(ds.element_spec[0].shape)
+    crop_first = source_shape != (image_size, image_size, 3)
+    if crop_first:
+        # Images of other sizes: crops come from each image at its own resolution and
+        # aspect ratio (torchvision's order), not from a copy squashed to S x S.
+        ds = ds.map(lambda image, label: image, num_parallel_calls=tf.data.AUTOTUNE)
+        if None not in source_shape and (local_examples * int(np.prod(source_shape))
+                                         <= _CACHE_LIMIT_BYTES):
+            ds = ds.cache()
+    else:
+        ds = ds.map(lambda image, label: _resize_uint8(image, image_size),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+        if local_examples * image_size * image_size * 3 <= _CACHE_LIMIT_BYTES:
+            ds = ds.cache()
     ds = ds.shuffle(min(local_examples, _SHUFFLE_BUFFER), seed=cfg.seed,
                     reshuffle_each_iteration=True)
     ds = ds.repeat()
+
+    def is_strong(batch_index):
+        step = initial_step + batch_index // replicas_per_pipeline
+        return use_strong_augmentation(step, steps_per_epoch, cfg.weak_aug_epochs)
+
+    if crop_first:
+        ds = ds.enumerate()
+        multi_crop = cfg.num_local_crops > 0
+
+        def crop_image(index, image):
+            # Seeds per (pipeline, image), a stream apart from the per-batch seeds below.
+            number = initial_step * replicas_per_pipeline * batch_size + index
+            seed = tf.random.experimental.stateless_fold_in(
+                tf.stack([seed_base, -1 - tf.cast(pipeline_id, tf.int64)]),
+                number * num_pipelines + pipeline_id)
+            view_seed, local_seed = augment._split(seed, 2)
+            if multi_crop:
+                scale = cfg.global_crop_scale
+            else:
+                scale = augment.select_spec(is_strong(index // batch_size), strong_spec,
+                                            weak_spec).crop_scale
+            crops = {"views": augment.crops_of_image(image, 2, image_size, scale,
+                                                     strong_spec.crop_ratio, view_seed)}
+            if multi_crop:
+                crops["local"] = augment.crops_of_image(
+                    image, cfg.num_local_crops, cfg.local_crop_size, cfg.local_crop_scale,
+                    strong_spec.crop_ratio, local_seed)
+            return crops
+
+        ds = ds.map(crop_image, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.enumerate()
 
-    seed_base = tf.constant(cfg.seed, tf.int64)
-
     def make_views(batch_index, images):
-        step = initial_step + batch_index // replicas_per_pipeline
-        strong = use_strong_augmentation(step, steps_per_epoch, cfg.weak_aug_epochs)
+        strong = is_strong(batch_index)
         # Unique per (pipeline, batch): replicas must not share crops.
         # A resumed run continues the sequence instead of replaying epoch 1's crops.
         batch_number = initial_step * replicas_per_pipeline + batch_index
         seed = tf.stack([seed_base, batch_number * num_pipelines + pipeline_id])
+        if crop_first:
+            crops = {"view_1": images["views"][:, 0], "view_2": images["views"][:, 1]}
+            if "local" in images:
+                crops["local"] = images["local"]
+            return augment.cropped_views(crops, strong, image_size, cfg.local_crop_size,
+                                         blur=cfg.blur, seed=seed, strong_spec=strong_spec,
+                                         weak_spec=weak_spec)
         if cfg.num_local_crops > 0:
             return augment.multi_crop_views(
                 images, strong, image_size, cfg.num_local_crops, cfg.local_crop_size,
