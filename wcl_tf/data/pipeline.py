@@ -124,18 +124,16 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
             seed = tf.random.experimental.stateless_fold_in(
                 tf.stack([seed_base, -1 - tf.cast(pipeline_id, tf.int64)]),
                 number * num_pipelines + pipeline_id)
-            view_seed, local_seed = augment._split(seed, 2)
-            if multi_crop:
-                scale = cfg.global_crop_scale
-            else:
-                scale = augment.select_spec(is_strong(index // batch_size), strong_spec,
-                                            weak_spec).crop_scale
+            view_seed, local_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+            spec = augment.select_spec(is_strong(index // batch_size), strong_spec, weak_spec)
+            # Multi-crop: fixed global / local scales, as in multi_crop_views.
+            scale = cfg.global_crop_scale if multi_crop else spec.crop_scale
             crops = {"views": augment.crops_of_image(image, 2, image_size, scale,
-                                                     strong_spec.crop_ratio, view_seed)}
+                                                     spec.crop_ratio, view_seed)}
             if multi_crop:
                 crops["local"] = augment.crops_of_image(
                     image, cfg.num_local_crops, cfg.local_crop_size, cfg.local_crop_scale,
-                    strong_spec.crop_ratio, local_seed)
+                    spec.crop_ratio, local_seed)
             return crops
 
         ds = ds.map(crop_image, num_parallel_calls=tf.data.AUTOTUNE)
