@@ -181,7 +181,10 @@ def crops_of_image(image_uint8, count, size, scale, ratio, seed):
 
 
 def _gray(images):
-    return tf.reduce_sum(images * tf.constant(_LUMA, images.dtype), axis=-1, keepdims=True)
+    # Three slices, not reduce_sum(images * luma, -1): the same numbers, 3x faster on CPU
+    # (a reduction over a size-3 axis is slow); the jitter computes it 4 times per view.
+    r, g, b = _LUMA
+    return images[..., 0:1] * r + images[..., 1:2] * g + images[..., 2:3] * b
 
 
 def _shift_hue(images, shift):
