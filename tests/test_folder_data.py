@@ -120,6 +120,20 @@ def test_class_subfolders_and_split_folders(tmp_path):
     assert x.shape == (6, 8, 8, 3) and x.dtype == np.float32 and sorted(y) == [0, 0, 0, 1, 1, 1]
 
 
+def test_splits_number_classes_like_the_training_split(tmp_path):
+    """test/ lacks 'dog': 'fox' must keep the training split's label 2, not become 1."""
+    for split, classes in (("train", ("cat", "dog", "fox")), ("test", ("cat", "fox"))):
+        for cls in classes:
+            _write(tmp_path / split / cls, {f"{cls}.png": _encode(_RGB, "PNG")})
+    dataset = f"folder:{tmp_path}"
+    ds, _, num_classes = sources.load_split(dataset, "test")
+    assert num_classes == 3
+    assert sorted(int(label) for _, label in ds.as_numpy_iterator()) == [0, 2]
+    _write(tmp_path / "test" / "wolf", {"w.png": _encode(_RGB, "PNG")})
+    with pytest.raises(sources.DataError, match="wolf.*not in the training split"):
+        sources.load_split(dataset, "test")
+
+
 @pytest.mark.parametrize("case, expected", [
     ("missing", "does not exist"),
     ("empty", "no readable images"),

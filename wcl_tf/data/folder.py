@@ -102,19 +102,32 @@ def _image_files(root):
     return found
 
 
-def _list(root):
-    """(paths, labels, class_names) before decoding."""
+def _class_names(root):
+    """Sorted class subfolder names when `root` holds only subfolders, else []."""
     entries = [e for e in sorted(os.listdir(root)) if not e.startswith(".")]
     subfolders = [e for e in entries if os.path.isdir(os.path.join(root, e))]
-    if subfolders and len(subfolders) == len(entries):
-        paths, labels = [], []
-        for label, name in enumerate(subfolders):
-            files = _image_files(os.path.join(root, name))
-            paths += files
-            labels += [label] * len(files)
-        return paths, labels, subfolders
-    paths = _image_files(root)
-    return paths, [-1] * len(paths), []
+    return subfolders if subfolders and len(subfolders) == len(entries) else []
+
+
+def _list(root, reference_classes=()):
+    """(paths, labels, class_names) before decoding. reference_classes: the training
+    split's classes, so that every split numbers a class the same way."""
+    classes = _class_names(root)
+    if not classes:
+        paths = _image_files(root)
+        return paths, [-1] * len(paths), []
+    names = list(reference_classes) or classes
+    unknown = sorted(set(classes) - set(names))
+    if unknown:
+        raise FolderError(
+            f"class folder(s) {', '.join(unknown)} in {root!r} are not in the training "
+            f"split's classes ({', '.join(names)}): every split needs the same class names.")
+    paths, labels = [], []
+    for name in classes:
+        files = _image_files(os.path.join(root, name))
+        paths += files
+        labels += [names.index(name)] * len(files)
+    return paths, labels, names
 
 
 def _decodable(paths):
@@ -137,9 +150,9 @@ def _decodable(paths):
 
 
 @functools.lru_cache(maxsize=16)
-def _scan_cached(root, split, mtime):
+def _scan_cached(root, reference_classes, mtime):
     del mtime  # Part of the cache key only: a folder changed on disk is scanned again.
-    paths, labels, class_names = _list(root)
+    paths, labels, class_names = _list(root, reference_classes)
     ok = _decodable(paths)
     files = [p for p, good in zip(paths, ok) if good]
     kept = [label for label, good in zip(labels, ok) if good]
@@ -156,7 +169,10 @@ def scan_folder(dataset, split, on_bad_image="skip"):
         raise FolderError(f"image folder {path!r} does not exist: check the path after "
                           f"'{PREFIX}' in --dataset.")
     root = _split_root(path, split)
-    scan = _scan_cached(root, split, os.stat(root).st_mtime_ns)
+    train_root = os.path.join(path, "train")
+    reference = (tuple(_class_names(train_root))
+                 if split != "train" and os.path.isdir(train_root) else ())
+    scan = _scan_cached(root, reference, os.stat(root).st_mtime_ns)
     if not scan.files:
         raise FolderError(
             f"no readable images in {root!r} (looked for {', '.join(IMAGE_EXTENSIONS)}"
