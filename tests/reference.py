@@ -93,3 +93,60 @@ def multicrop_local_losses(z1, z2, v1, v2, z_local, v_local, k, tau):
                 terms.append(-logp[labels == labels[i]].mean())
             graph.append(np.mean(terms))
     return float(np.mean(inst)), float(np.mean(graph)), kept
+
+
+def supcon_anchor_grad(v, keys, labels, tau):
+    """Analytic d(supcon mean)/d(anchors) with CONSTANT keys (the authors' graph loss).
+
+    v: (n, d) unit anchors; keys: (n, d) the same rows' values, held constant. For anchor
+    i with softmax p_ij over j != i and positives P(i):
+        d l_i / d v_i = (1/tau) * (sum_{j != i} p_ij k_j - mean_{p in P(i)} k_p)
+    and the mean over the n anchors divides by n.
+    """
+    v, keys = np.asarray(v, np.float64), np.asarray(keys, np.float64)
+    n = len(v)
+    grad = np.zeros_like(v)
+    for i in range(n):
+        keep = np.arange(n) != i
+        logits = keys @ v[i] / tau
+        p = np.exp(_log_softmax_row(logits, keep)) * keep
+        pos = keep & (labels == labels[i])
+        grad[i] = (p @ keys - keys[pos].mean(axis=0)) / tau / n
+    return grad
+
+
+def through_l2n(raw, grad_unit):
+    """Chain rule through v = raw / ||raw||: (I - v v^T) g / ||raw||, row by row."""
+    raw = np.asarray(raw, np.float64)
+    norm = np.linalg.norm(raw, axis=1, keepdims=True)
+    v = raw / norm
+    return (grad_unit - v * np.sum(v * grad_unit, axis=1, keepdims=True)) / norm
+
+
+def graph_loss_raw_grad_constant_keys(r1, r2, tau):
+    """Gradient of the authors' graph loss 0.5 (supcon(v1 | M2) + supcon(v2 | M1)) w.r.t.
+    the raw head outputs r1, r2, keys constant (network/wcl.py lines 68-69, 89-90)."""
+    v1, v2 = l2n(np.asarray(r1, np.float64)), l2n(np.asarray(r2, np.float64))
+    labels1 = scipy_components(nearest_neighbours(v1))
+    labels2 = scipy_components(nearest_neighbours(v2))
+    g1 = 0.5 * supcon_anchor_grad(v1, v1, labels2, tau)
+    g2 = 0.5 * supcon_anchor_grad(v2, v2, labels1, tau)
+    return through_l2n(r1, g1), through_l2n(r2, g2)
+
+
+def numerical_grad(fn, x, eps=1e-6):
+    """Central float64 finite differences of scalar fn at x."""
+    x = np.asarray(x, np.float64)
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[index] = eps
+        grad[index] = (fn(x + step) - fn(x - step)) / (2 * eps)
+    return grad
+
+
+def graph_loss_fixed_labels(r1, r2, labels1, labels2, tau):
+    """Graph loss of raw outputs with the weak labels held fixed; keys carry gradient
+    through fn's arguments (finite differences see both sides)."""
+    v1, v2 = l2n(np.asarray(r1, np.float64)), l2n(np.asarray(r2, np.float64))
+    return 0.5 * (supcon(v1, labels2, tau) + supcon(v2, labels1, tau))

@@ -85,3 +85,92 @@ def test_gradient_flows_to_embeddings_not_labels(rng):
     grads = tape.gradient(total, [z1, z2, v1, v2])
     assert all(g is not None and np.all(np.isfinite(g.numpy())) for g in grads)
     assert all(np.abs(g.numpy()).sum() > 0 for g in grads)
+
+
+# --- Which side carries gradient (WCL_SPEC section 1) -------------------------------
+
+def _raw_inputs(rng, kind, n, d):
+    """Raw (unnormalised) head outputs: random, or clustered around a few centres."""
+    if kind == "random":
+        return [rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0) for _ in range(4)]
+    centres = rng.normal(size=(4, d)) * 3.0
+    return [centres[rng.integers(0, 4, size=n)] + 0.3 * rng.normal(size=(n, d))
+            for _ in range(4)]
+
+
+def _tf_grads(raw, graph_key_grad, which="graph"):
+    """Gradients of wcl_objective's instance or graph loss w.r.t. the raw outputs."""
+    variables = [tf.Variable(x.astype(np.float32)) for x in raw]
+    with tf.GradientTape() as tape:
+        z1, z2, v1, v2 = (tf.math.l2_normalize(x, axis=1) for x in variables)
+        instance, graph = losses.wcl_objective(z1, z2, v1, v2, 0.1,
+                                               graph_key_grad=graph_key_grad)
+    grads = tape.gradient(graph if which == "graph" else instance, variables)
+    return [None if g is None else g.numpy().astype(np.float64) for g in grads]
+
+
+def _relative_error(got, want):
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+@pytest.mark.parametrize("n,d", [(8, 4), (24, 6)])
+def test_graph_gradient_is_the_authors_constant_key_gradient(rng, kind, n, d):
+    raw = _raw_inputs(rng, kind, n, d)
+    got = _tf_grads(raw, graph_key_grad=False)
+    assert got[0] is None and got[1] is None  # the instance head gets nothing from it
+    want1, want2 = reference.graph_loss_raw_grad_constant_keys(raw[2], raw[3], 0.1)
+    assert _relative_error(got[2], want1) < 1e-4
+    assert _relative_error(got[3], want2) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+def test_graph_key_grad_gives_the_full_gradient(rng, kind):
+    n, d, tau = 10, 4, 0.1
+    raw = _raw_inputs(rng, kind, n, d)
+    r1, r2 = raw[2], raw[3]
+    labels1 = reference.scipy_components(reference.nearest_neighbours(r1))
+    labels2 = reference.scipy_components(reference.nearest_neighbours(r2))
+    want1 = reference.numerical_grad(
+        lambda x: reference.graph_loss_fixed_labels(x, r2, labels1, labels2, tau), r1)
+    want2 = reference.numerical_grad(
+        lambda x: reference.graph_loss_fixed_labels(r1, x, labels1, labels2, tau), r2)
+    got = _tf_grads(raw, graph_key_grad=True)
+    assert _relative_error(got[2], want1) < 1e-4
+    assert _relative_error(got[3], want2) < 1e-4
+    # And the default is not this full gradient: it is roughly half of it, elsewhere.
+    anchors_only = _tf_grads(raw, graph_key_grad=False)
+    ratio = np.linalg.norm(want1) / np.linalg.norm(anchors_only[2])
+    assert 1.3 < ratio < 3.0, ratio
+    assert _relative_error(anchors_only[2], want1) > 0.2
+
+
+def test_instance_gradient_flows_through_anchors_and_keys(rng):
+    # The authors' instance loss concatenates the local keys outside no_grad
+    # (network/wcl.py line 58): one device, full gradient, checked by finite differences.
+    n, d, tau = 6, 3, 0.1
+    raw = _raw_inputs(rng, "random", n, d)
+    r1, r2 = raw[0], raw[1]
+
+    def instance(a, b):
+        return reference.instance_loss(reference.l2n(a), reference.l2n(b), tau)
+
+    want1 = reference.numerical_grad(lambda x: instance(x, r2), r1)
+    got = _tf_grads(raw, graph_key_grad=False, which="instance")
+    assert got[2] is None and got[3] is None
+    assert _relative_error(got[0], want1) < 1e-4
+
+
+@pytest.mark.parametrize("key_grad", [False, True])
+def test_local_graph_keys_follow_key_grad(rng, key_grad):
+    n, d, a = 8, 4, 5
+    v1, v2, v_loc = (tf.Variable(_unit(rng, m, d)) for m in (n, n, a))
+    labels1, labels2 = wl.weak_labels(v1), wl.weak_labels(v2)
+    rows = tf.constant(rng.integers(0, n, size=a), tf.int32)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(losses.local_graph_loss_per_anchor(
+            v_loc, v1, v2, labels1, labels2, rows, 0.1, key_grad=key_grad))
+    g_loc, g1, g2 = tape.gradient(loss, [v_loc, v1, v2])
+    assert np.abs(g_loc.numpy()).sum() > 0
+    assert (g1 is not None and np.abs(g1.numpy()).sum() > 0) == key_grad
+    assert (g2 is not None and np.abs(g2.numpy()).sum() > 0) == key_grad

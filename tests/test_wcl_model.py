@@ -14,11 +14,12 @@ def _batch(seed=0):
     return {k: rng.uniform(size=(N, S, S, 3)).astype(np.float32) for k in ("view_1", "view_2")}
 
 
-def _model(gather_grad="full", graph_loss_weight=1.0):
+def _model(gather_grad="full", graph_loss_weight=1.0, graph_key_grad=False):
     keras.utils.set_random_seed(1)
     return build_wcl_model("small_cnn", head_hidden_dim=16, head_output_dim=8, width=4,
                            sync_bn=True, gather_grad=gather_grad,
-                           graph_loss_weight=graph_loss_weight, image_size=S)
+                           graph_loss_weight=graph_loss_weight, image_size=S,
+                           graph_key_grad=graph_key_grad)
 
 
 def _one_step(strategy, weights, batch, gather_grad="full", optimizer=None):
@@ -99,7 +100,7 @@ def test_call_returns_backbone_features():
 
 
 def test_keras_file_round_trip(tmp_path):
-    model = _model(gather_grad="local", graph_loss_weight=0.5)
+    model = _model(gather_grad="local", graph_loss_weight=0.5, graph_key_grad=True)
     model.compile(optimizer=keras.optimizers.SGD(0.1))
     batch = _batch()
     model.fit(tf.data.Dataset.from_tensor_slices(batch).batch(N), epochs=1, verbose=0)
@@ -107,7 +108,8 @@ def test_keras_file_round_trip(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded, WCLModel)
-    assert (loaded.gather_grad, loaded.graph_loss_weight) == ("local", 0.5)
+    assert (loaded.gather_grad, loaded.graph_loss_weight, loaded.graph_key_grad) == (
+        "local", 0.5, True)
     x = batch["view_1"]
     np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-6, atol=1e-6)
     for a, b in zip(loaded.embed(x), model.embed(x)):
@@ -139,3 +141,50 @@ def test_whole_train_step_compiles_with_xla():
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
     for a, b in zip(results[1][1], results[0][1]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _graph_grad_per_replica(strategy, raw1, raw2, gather_grad, key_grad):
+    """d(global graph loss)/d(raw graph-head outputs), each replica its own rows, through
+    the train step's path: l2 normalise -> gather -> weak labels -> graph loss share."""
+    from wcl_tf import distributed, losses
+    from wcl_tf import weak_labels as wl
+
+    replicas = strategy.num_replicas_in_sync
+    b = len(raw1) // replicas
+
+    def step(ctx_rows):
+        r1, r2 = ctx_rows
+        with tf.GradientTape() as tape:
+            tape.watch([r1, r2])
+            v1, v2 = tf.math.l2_normalize(r1, axis=1), tf.math.l2_normalize(r2, axis=1)
+            v1_all, offset = distributed.gather(v1, gather_grad)
+            v2_all, _ = distributed.gather(v2, gather_grad)
+            labels1, labels2 = wl.weak_labels(v1_all), wl.weak_labels(v2_all)
+            per_anchor = losses.graph_loss_per_anchor(v1, v2, v1_all, v2_all, labels1,
+                                                      labels2, offset, 0.1, key_grad=key_grad)
+            share = tf.reduce_sum(per_anchor) / tf.cast(2 * tf.shape(v1_all)[0], tf.float32)
+        return tape.gradient(share, [r1, r2])
+
+    def rows(ctx):
+        i = ctx.replica_id_in_sync_group
+        return raw1[i * b:(i + 1) * b], raw2[i * b:(i + 1) * b]
+
+    inputs = strategy.experimental_distribute_values_from_function(rows)
+    grads = strategy.run(tf.function(step), args=(inputs,))
+    return [np.concatenate([g.numpy() for g in strategy.experimental_local_results(part)])
+            for part in grads]
+
+
+def test_graph_gradient_does_not_depend_on_the_replica_count(two_replica_strategy, rng):
+    raw1, raw2 = (rng.normal(size=(N, 5)).astype(np.float32) for _ in range(2))
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    for key_grad, gather_grad in ((False, "full"), (False, "local"), (True, "full")):
+        want = _graph_grad_per_replica(one, raw1, raw2, gather_grad, key_grad)
+        got = _graph_grad_per_replica(two_replica_strategy, raw1, raw2, gather_grad, key_grad)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # With keys that carry gradient but a gather that drops other replicas' share, the
+    # two-replica gradient is NOT the one-replica one: the comparison above has teeth.
+    want = _graph_grad_per_replica(one, raw1, raw2, "local", True)
+    got = _graph_grad_per_replica(two_replica_strategy, raw1, raw2, "local", True)
+    assert max(np.abs(a - b).max() for a, b in zip(got, want)) > 1e-3

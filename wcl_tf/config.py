@@ -50,7 +50,12 @@ class Config:
     # Objective (WCL_SPEC section 1 and 2).
     temperature: float = 0.1
     graph_loss_weight: float = 1.0  # lambda; 0 gives SimCLR
+    # Instance-loss keys from other replicas: "full" (carry gradient; R replicas == 1)
+    # or "local" (constants, as in the authors' code).
     gather_grad: str = "full"
+    # Graph-loss keys carry gradient. False is the authors' code (their keys come from a
+    # no_grad gather): only the anchors get the graph loss's gradient.
+    graph_key_grad: bool = False
 
     # Optimization (WCL_SPEC section 4).
     global_batch_size: int = 256

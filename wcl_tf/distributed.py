@@ -22,7 +22,10 @@ def gather(x, gather_grad="full"):
     them (ReplicaContext.all_gather's gradient), so an R-replica step equals the
     1-replica step on the same global batch.
     gather_grad="local": rows of other replicas are constants; only this replica's
-    rows carry gradient (the authors' PyTorch behaviour).
+    rows carry gradient (the authors' PyTorch behaviour for the INSTANCE loss's keys:
+    `concat_other_gather` under no_grad plus the local rows, mingkai-zheng/WCL
+    network/wcl.py lines 55-58 and 97-108). Their graph loss's keys carry no gradient at
+    all, local rows included; that is handled in wcl_tf.losses, not here.
 
     Returns:
       (x_all (n, ...), offset) where x_all[offset:offset + b] is x.

@@ -7,6 +7,15 @@ first local row inside the gathered rows. Logits, exp and log-sum-exp run in flo
 whatever the compute dtype. Masks are additive or multiplicative, never boolean
 selections, so shapes stay static (XLA / TPU).
 
+Which side carries gradient (WCL_SPEC section 1). Instance loss: anchors and keys
+(the local keys carry gradient in the authors' code too; other replicas' rows follow
+`gather_grad`, see wcl_tf/distributed.py). Graph loss: by default ONLY the anchors. The
+authors' keys `all_feat1`, `all_feat2` come from `concat_all_gather`, which runs under
+`@torch.no_grad()` (mingkai-zheng/WCL, network/wcl.py lines 68-69 and 112-125; used as
+keys at lines 89-90), so no key row carries gradient, the local slice included.
+`key_grad=True` gives the keys gradient too (about twice the graph-loss gradient on one
+device, in another direction): kept as an option, not the authors' objective.
+
 Shapes: b = anchors on this replica, n = global batch, d = embedding size.
 """
 
@@ -55,11 +64,18 @@ def instance_loss_per_anchor(z1, z2, z1_all, z2_all, offset, temperature):
     return loss, correct
 
 
-def supcon_per_anchor(v, v_all, labels, labels_all, offset, temperature):
+def _keys(keys, key_grad):
+    """The contrast keys as float32, constants unless key_grad."""
+    keys = tf.cast(keys, tf.float32)
+    return keys if key_grad else tf.stop_gradient(keys)
+
+
+def supcon_per_anchor(v, v_all, labels, labels_all, offset, temperature, key_grad=False):
     """Supervised contrastive loss per anchor, candidates from one view.
 
     Anchor i (global row offset + i) contrasts against every other row of v_all;
-    its positives are the rows j != i with labels_all[j] == labels[i].
+    its positives are the rows j != i with labels_all[j] == labels[i]. Gradient flows
+    into the anchors `v` only, unless key_grad (then into v_all too).
 
     Args:
       v: (b, d) L2-normalised graph-head embeddings of the local rows.
@@ -68,10 +84,11 @@ def supcon_per_anchor(v, v_all, labels, labels_all, offset, temperature):
       labels_all: (n,) the same labels for the global batch.
       offset: int, row of v[0] inside v_all.
       temperature: float > 0.
+      key_grad: False (the authors' code): the keys v_all are constants.
     Returns:
       (b,) float32 losses. An anchor with no positive gets 0.
     """
-    v, v_all = tf.cast(v, tf.float32), tf.cast(v_all, tf.float32)
+    v, v_all = tf.cast(v, tf.float32), _keys(v_all, key_grad)
     b, n = tf.shape(v)[0], tf.shape(v_all)[0]
     logits = tf.matmul(v, v_all, transpose_b=True) / temperature  # (b, n)
     self_mask = _local_identity(b, n, offset)
@@ -82,10 +99,12 @@ def supcon_per_anchor(v, v_all, labels, labels_all, offset, temperature):
     return -tf.reduce_sum(positives * log_prob, axis=1) / tf.maximum(count, 1.0)
 
 
-def graph_loss_per_anchor(v1, v2, v1_all, v2_all, labels1_all, labels2_all, offset, temperature):
+def graph_loss_per_anchor(v1, v2, v1_all, v2_all, labels1_all, labels2_all, offset, temperature,
+                          key_grad=False):
     """WCL graph loss per anchor, with the labels swapped across views.
 
-    View-1 anchors are supervised by view 2's components and vice versa.
+    View-1 anchors are supervised by view 2's components and vice versa. key_grad=False
+    (default, the authors' code): the keys v1_all, v2_all carry no gradient.
 
     Returns:
       (2b,) float32, view-1 anchors first.
@@ -93,21 +112,26 @@ def graph_loss_per_anchor(v1, v2, v1_all, v2_all, labels1_all, labels2_all, offs
     b = tf.shape(v1)[0]
     rows = offset + tf.range(b)
     local = lambda labels_all: tf.gather(labels_all, rows)  # noqa: E731
-    loss1 = supcon_per_anchor(v1, v1_all, local(labels2_all), labels2_all, offset, temperature)
-    loss2 = supcon_per_anchor(v2, v2_all, local(labels1_all), labels1_all, offset, temperature)
+    loss1 = supcon_per_anchor(v1, v1_all, local(labels2_all), labels2_all, offset, temperature,
+                              key_grad)
+    loss2 = supcon_per_anchor(v2, v2_all, local(labels1_all), labels1_all, offset, temperature,
+                              key_grad)
     return tf.concat([loss1, loss2], axis=0)
 
 
-def wcl_objective(z1, z2, v1, v2, temperature=0.1):
+def wcl_objective(z1, z2, v1, v2, temperature=0.1, graph_key_grad=False):
     """(instance_loss, graph_loss) scalars for a single-device global batch.
 
     z1, z2: (n, d) instance-head outputs; v1, v2: (n, d) graph-head outputs; all
     L2-normalised. Weak labels are built here from v1 and v2 (no gradient).
+    graph_key_grad=False (default, the authors' code): the graph loss's gradient flows
+    through its anchors only; True: through its keys as well.
     """
     instance, _ = instance_loss_per_anchor(z1, z2, z1, z2, 0, temperature)
     labels1 = weak_labels_lib.weak_labels(v1)
     labels2 = weak_labels_lib.weak_labels(v2)
-    graph = graph_loss_per_anchor(v1, v2, v1, v2, labels1, labels2, 0, temperature)
+    graph = graph_loss_per_anchor(v1, v2, v1, v2, labels1, labels2, 0, temperature,
+                                  key_grad=graph_key_grad)
     return tf.reduce_mean(instance), tf.reduce_mean(graph)
 
 
@@ -134,12 +158,13 @@ def local_instance_loss_per_anchor(z_local, z1_all, z2_all, rows, temperature):
 
 
 def local_graph_loss_per_anchor(v_local, v1_all, v2_all, labels1_all, labels2_all, rows,
-                                temperature):
+                                temperature, key_grad=False):
     """Graph loss of kept local crops, keeping the swap (WCL_SPEC section 3).
 
     Against view-1 globals the positives are the members of the crop's image's component
     in view 2's graph (the image itself included), against view-2 globals those of view
-    1's graph; the two terms are averaged.
+    1's graph; the two terms are averaged. As in the two-view graph loss, the global
+    keys carry no gradient unless key_grad.
 
     Args:
       v_local: (a, d) L2-normalised graph embeddings of the kept crops.
@@ -151,7 +176,7 @@ def local_graph_loss_per_anchor(v_local, v1_all, v2_all, labels1_all, labels2_al
     v_local = tf.cast(v_local, tf.float32)
 
     def term(v_all, labels_all):
-        logits = tf.matmul(v_local, tf.cast(v_all, tf.float32), transpose_b=True) / temperature
+        logits = tf.matmul(v_local, _keys(v_all, key_grad), transpose_b=True) / temperature
         log_prob = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)  # (a, n)
         own = tf.gather(labels_all, rows)
         positives = tf.cast(tf.equal(own[:, tf.newaxis], labels_all[tf.newaxis, :]),

@@ -41,8 +41,10 @@ _HELP = {
     "sync_bn": "Synchronized BatchNorm across replicas (default: on with >1 replica).",
     "temperature": "Temperature tau of both losses.",
     "graph_loss_weight": "lambda, weight of the weak-label graph loss (0 = SimCLR).",
-    "gather_grad": "Gradient through the cross-replica gather: full (exact) or "
-                   "local (authors' code).",
+    "gather_grad": "Instance loss: gradient through other replicas' keys: full (R "
+                   "replicas == 1 replica) or local (the authors' instance loss).",
+    "graph_key_grad": "Graph loss: give its keys gradient too. Off (default) is the "
+                      "authors' code: only the anchors get the graph loss's gradient.",
     "global_batch_size": "Images per step over all replicas.",
     "epochs": "Training epochs.",
     "warmup_epochs": "Linear warm-up length, in epochs (per-step schedule).",

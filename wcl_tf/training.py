@@ -287,7 +287,8 @@ def build(cfg, strategy, steps_per_epoch):
             cfg.backbone, head_hidden_dim=cfg.head_hidden_dim,
             head_output_dim=cfg.head_output_dim, sync_bn=sync_bn, width=cfg.width,
             temperature=cfg.temperature, graph_loss_weight=cfg.graph_loss_weight,
-            gather_grad=cfg.gather_grad, image_size=cfg.image_size,
+            gather_grad=cfg.gather_grad, graph_key_grad=cfg.graph_key_grad,
+            image_size=cfg.image_size,
             knn_crops=cfg.knn_crops, local_loss_weight=cfg.local_loss_weight)
         optimizer = optimizers.build_optimizer(cfg, steps_per_epoch)
         if cfg.precision == "mixed_float16":
@@ -423,7 +424,8 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
     log(f"wcl_tf: {cfg.backbone} on {cfg.dataset} ({cfg.image_size} px), "
         f"{replicas} replica(s), global batch {cfg.global_batch_size}, "
         f"{steps_per_epoch} steps x {cfg.epochs} epochs, lambda={cfg.graph_loss_weight}, "
-        f"gather_grad={cfg.gather_grad}, peak lr {cfg.learning_rate():.4g}")
+        f"gather_grad={cfg.gather_grad}, graph_key_grad={cfg.graph_key_grad}, "
+        f"peak lr {cfg.learning_rate():.4g}")
 
     model = build(cfg, strategy, steps_per_epoch)
     _check_disk_space(cfg, model)
@@ -492,6 +494,9 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         "steps_per_epoch": steps_per_epoch,
         "optimizer_steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         "replicas": replicas,
+        "graph_loss_weight": cfg.graph_loss_weight,
+        "gather_grad": cfg.gather_grad,
+        "graph_key_grad": cfg.graph_key_grad,
         "checkpoint": final_path,
     }
     if is_chief:

@@ -6,7 +6,8 @@
     backbone on each view (separate calls) -> both heads -> L2 normalise
     -> gather z, v over replicas (full or local gradient)
     -> weak labels from the global v1, v2 (identical on every replica)
-    -> per-anchor instance and graph losses for the local rows
+    -> per-anchor instance and graph losses for the local rows (graph loss: gradient
+       through its anchors only, as in the authors' code, unless graph_key_grad)
     -> this replica's share of the global mean -> summed replica gradients
     -> optimizer
 
@@ -66,7 +67,10 @@ class WCLModel(keras.Model):
       graph_head: keras.Model (b, C) -> (b, D), the weak-label head phi.
       temperature: tau of both losses.
       graph_loss_weight: lambda; 0 trains plain SimCLR (the graph head is unused).
-      gather_grad: "full" or "local" gradient through the cross-replica gather.
+      gather_grad: "full" or "local" gradient through the cross-replica gather of the
+        instance loss's keys (and of the graph loss's keys when graph_key_grad).
+      graph_key_grad: False (the authors' code): the graph loss's keys are constants and
+        only its anchors carry gradient (WCL_SPEC section 1); True: the keys too.
       knn_crops: K, multi-crop local crops kept per image (WCL_SPEC section 3); 0 keeps
         none and the step is exactly the two-view step. Batches then carry "local":
         (b, M, L, L, 3) with M >= K.
@@ -75,7 +79,7 @@ class WCLModel(keras.Model):
 
     def __init__(self, backbone, instance_head, graph_head, temperature=0.1,
                  graph_loss_weight=1.0, gather_grad="full", knn_crops=0,
-                 local_loss_weight=1.0, **kwargs):
+                 local_loss_weight=1.0, graph_key_grad=False, **kwargs):
         super().__init__(**kwargs)
         if gather_grad not in ("full", "local"):
             raise ValueError(f"gather_grad must be 'full' or 'local', got {gather_grad!r}")
@@ -85,6 +89,7 @@ class WCLModel(keras.Model):
         self.temperature = float(temperature)
         self.graph_loss_weight = float(graph_loss_weight)
         self.gather_grad = gather_grad
+        self.graph_key_grad = bool(graph_key_grad)
         self.knn_crops = int(knn_crops)
         self.local_loss_weight = float(local_loss_weight)
         names = ["loss", "instance_loss", "graph_loss", "instance_acc", "num_components"]
@@ -126,7 +131,8 @@ class WCLModel(keras.Model):
         instance, correct = losses.instance_loss_per_anchor(
             z1, z2, z1_all, z2_all, offset, tau)  # (2b,)
         graph = losses.graph_loss_per_anchor(
-            v1, v2, v1_all, v2_all, labels1, labels2, offset, tau)  # (2b,)
+            v1, v2, v1_all, v2_all, labels1, labels2, offset, tau,
+            key_grad=self.graph_key_grad)  # (2b,)
         global_anchors = tf.cast(2 * tf.shape(z1_all)[0], tf.float32)
         instance_share = tf.reduce_sum(instance) / global_anchors
         graph_share = tf.reduce_sum(graph) / global_anchors
@@ -183,7 +189,8 @@ class WCLModel(keras.Model):
         tau = self.temperature
         instance = losses.local_instance_loss_per_anchor(z_kept, z1_all, z2_all, rows, tau)
         graph = losses.local_graph_loss_per_anchor(
-            v_kept, v1_all, v2_all, labels1, labels2, rows, tau)
+            v_kept, v1_all, v2_all, labels1, labels2, rows, tau,
+            key_grad=self.graph_key_grad)
         n = tf.cast(tf.shape(z1_all)[0], tf.float32)
         global_anchors = n * k
         kept_mask = tf.reduce_sum(tf.one_hot(kept, tf.shape(sim)[1]), axis=1)  # (b, M)
@@ -293,6 +300,7 @@ class WCLModel(keras.Model):
             "gather_grad": self.gather_grad,
             "knn_crops": self.knn_crops,
             "local_loss_weight": self.local_loss_weight,
+            "graph_key_grad": self.graph_key_grad,
         })
         return config
 
@@ -306,7 +314,8 @@ class WCLModel(keras.Model):
 
 def build_wcl_model(backbone="small_cnn", head_hidden_dim=2048, head_output_dim=128,
                     sync_bn=False, width=64, temperature=0.1, graph_loss_weight=1.0,
-                    gather_grad="full", image_size=None, knn_crops=0, local_loss_weight=1.0):
+                    gather_grad="full", image_size=None, knn_crops=0, local_loss_weight=1.0,
+                    graph_key_grad=False):
     """A WCLModel with a named backbone and two 3-layer projection heads.
 
     Call inside `strategy.scope()` when training distributed.
@@ -328,6 +337,7 @@ def build_wcl_model(backbone="small_cnn", head_hidden_dim=2048, head_output_dim=
         gather_grad=gather_grad,
         knn_crops=knn_crops,
         local_loss_weight=local_loss_weight,
+        graph_key_grad=graph_key_grad,
         name="wcl_model",
     )
     if image_size:
