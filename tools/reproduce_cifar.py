@@ -1,10 +1,17 @@
-"""WCL (lambda=1) against SimCLR (lambda=0) on real CIFAR-10, CPU-sized, several seeds.
+"""WCL against SimCLR, CPU-sized, several seeds, three arms by default.
 
-    python tools/reproduce_cifar.py --data_dir=../shared/tfds --out_dir=runs/repro
+    python tools/reproduce_cifar.py --data_dir=PATH/TO/tfds --out_dir=runs/repro
+    python tools/reproduce_cifar.py --preset=demo --out_dir=runs/repro_demo
 
-Every run uses the same code, data, budget and seed pairing; only graph_loss_weight
-differs. Writes <out_dir>/summary.json, <out_dir>/table.md and <out_dir>/knn_per_epoch.png.
-Finished runs (results.json present) are reused, so the script can be re-run to resume.
+Arms (--arms): simclr (lambda=0), wcl (lambda=1, the graph loss's gradient through its
+anchors only, as in the authors' code), wcl_keygrad (lambda=1, --graph_key_grad: the
+graph loss's keys carry gradient too). Every run uses the same code, data, budget and
+seed pairing; only the objective differs. --preset=cifar10 is the CIFAR-10 configuration
+below; --preset=demo is configs/demo.flags (embedded MNIST, offline) with a kNN / purity
+check every 2 epochs. After each CIFAR-10 run the fast linear probe runs on it
+(tools/linear_eval.py --mode=fast). Writes <out_dir>/summary.json, <out_dir>/table.md and
+<out_dir>/knn_per_epoch.png. Finished runs (results.json present) are reused, so the
+script can be re-run to resume.
 """
 
 import json
@@ -19,7 +26,11 @@ from absl import app, flags  # noqa: E402
 flags.DEFINE_string("data_dir", "../shared/tfds", "TFDS folder holding cifar10.")
 flags.DEFINE_string("out_dir", "runs/repro", "Where runs and the summary go.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each runs WCL and SimCLR.")
-flags.DEFINE_list("lambdas", ["1.0", "0.0"], "graph_loss_weight values.")
+flags.DEFINE_enum("preset", "cifar10", ["cifar10", "demo"],
+                  "cifar10: the flags below; demo: configs/demo.flags (embedded MNIST).")
+flags.DEFINE_list("arms", ["simclr", "wcl", "wcl_keygrad"],
+                  "Objectives: simclr (lambda 0), wcl (authors' gradient), wcl_keygrad.")
+flags.DEFINE_integer("linear_epochs", 100, "Fast linear probe epochs (cifar10; 0: none).")
 flags.DEFINE_string("backbone", "small_cnn", "Backbone.")
 flags.DEFINE_integer("width", 32, "small_cnn width.")
 flags.DEFINE_integer("epochs", 15, "Epochs per run.")
@@ -33,10 +44,27 @@ flags.DEFINE_integer("head_output_dim", 128, "Head output size.")
 FLAGS = flags.FLAGS
 
 
-def _config(seed, lam):
+ARMS = {  # name: (graph_loss_weight, graph_key_grad, label)
+    "simclr": (0.0, False, "SimCLR (lambda=0)"),
+    "wcl": (1.0, False, "WCL, authors' gradient (keys constant)"),
+    "wcl_keygrad": (1.0, True, "WCL, keys carry gradient (--graph_key_grad)"),
+}
+
+
+def _config(seed, arm):
     from wcl_tf.config import Config
 
-    name = f"{'wcl' if lam > 0 else 'simclr'}_lambda{lam:g}_seed{seed}"
+    lam, key_grad, _ = ARMS[arm]
+    name = f"{arm}_seed{seed}"
+    model_dir = os.path.join(FLAGS.out_dir, name)
+    if FLAGS.preset == "demo":
+        # The values of configs/demo.flags; kNN and purity every 2 epochs.
+        return name, Config(
+            dataset="embedded_mnist", image_size=28, backbone="small_cnn", width=32,
+            head_hidden_dim=256, head_output_dim=64, global_batch_size=128, epochs=10,
+            warmup_epochs=1, lr_scaling="sqrt", weak_aug_epochs=10, knn_k=20,
+            eval_every_epochs=2, graph_loss_weight=lam, graph_key_grad=key_grad, seed=seed,
+            verbose=2, model_dir=model_dir)
     return name, Config(
         dataset="cifar10", data_dir=FLAGS.data_dir, image_size=32,
         backbone=FLAGS.backbone, width=FLAGS.width,
@@ -44,8 +72,8 @@ def _config(seed, lam):
         global_batch_size=FLAGS.global_batch_size, epochs=FLAGS.epochs, warmup_epochs=1,
         weak_aug_epochs=FLAGS.weak_aug_epochs, max_train_examples=FLAGS.max_train_examples,
         max_eval_examples=FLAGS.max_eval_examples, eval_every_epochs=FLAGS.eval_every_epochs,
-        graph_loss_weight=lam, seed=seed, knn_k=200, verbose=2,
-        model_dir=os.path.join(FLAGS.out_dir, name))
+        graph_loss_weight=lam, graph_key_grad=key_grad, seed=seed, knn_k=200, verbose=2,
+        model_dir=model_dir)
 
 
 def _scalars(model_dir, tag):
@@ -77,7 +105,7 @@ def _table(summary, out_dir):
         purity = _scalars(run_dir, "weak_purity")
         sizes = _scalars(run_dir, "weak_component_size_mean")
         res["weak_purity_per_epoch"] = purity
-        method = "WCL (lambda=1)" if name.startswith("wcl") else "SimCLR (lambda=0)"
+        method = ARMS[name.rsplit("_seed", 1)[0]][2]
         entry = {"knn": 100 * res["knn_top1"],
                  "linear": 100 * linear["top1_last"] if linear else float("nan"),
                  "purity": purity[-1][1] if purity else float("nan"),
@@ -94,6 +122,30 @@ def _table(summary, out_dir):
         lin = np.array([e["linear"] for e in entries])
         lines.append(f"| {method} | {len(entries)} | {knn_values.mean():.2f} +- "
                      f"{knn_values.std():.2f} | {lin.mean():.2f} +- {lin.std():.2f} |")
+    # Per-seed pairs: each WCL arm minus SimCLR of the same seed (kNN, linear).
+    by_seed = {}
+    for name, res in summary["runs"].items():
+        arm, seed = name.rsplit("_seed", 1)
+        by_seed.setdefault(int(seed), {})[arm] = name
+    pair_arms = [a for a in ("wcl", "wcl_keygrad") if a in FLAGS.arms]
+    if "simclr" in FLAGS.arms and pair_arms:
+        lines += ["", "| seed | " + " | ".join(f"{a} - simclr, kNN / linear (points)"
+                                               for a in pair_arms) + " |",
+                  "|---" * (1 + len(pair_arms)) + "|"]
+        knn_of = {row.split(" | ")[0][2:]: row for row in rows}
+        for seed in sorted(by_seed):
+            names = by_seed[seed]
+            if "simclr" not in names:
+                continue
+            cells = []
+            for arm in pair_arms:
+                if arm not in names:
+                    cells.append("-")
+                    continue
+                a, b = (knn_of[names[x]].split(" | ") for x in (arm, "simclr"))
+                cells.append(f"{float(a[1]) - float(b[1]):+.2f} / "
+                             f"{float(a[2]) - float(b[2]):+.2f}")
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -104,10 +156,11 @@ def _plot(summary, path):
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    colours = {"wcl": "tab:red", "simclr": "tab:blue"}
+    colours = {"wcl": "tab:red", "simclr": "tab:blue", "wcl_keygrad": "tab:orange"}
+    first_seed = f"seed{FLAGS.seeds[0]}"
     for name, res in sorted(summary["runs"].items()):
-        kind = name.split("_")[0]
-        label = {"wcl": "WCL", "simclr": "SimCLR"}[kind] if name.endswith("seed0") else None
+        kind = name.rsplit("_seed", 1)[0]
+        label = ARMS[kind][2] if name.endswith(first_seed) else None
         epochs, top1 = zip(*res["knn_top1_per_epoch"])
         ax.plot(epochs, [100 * t for t in top1], color=colours[kind], alpha=0.8,
                 marker="o", label=label)
@@ -115,7 +168,8 @@ def _plot(summary, path):
             epochs, purity = zip(*res["weak_purity_per_epoch"])
             ax2.plot(epochs, purity, color=colours[kind], alpha=0.8, marker="o", label=label)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("kNN top-1 on CIFAR-10 test (%)")
+    ax.set_ylabel(f"kNN top-1 on {'MNIST' if FLAGS.preset == 'demo' else 'CIFAR-10'} "
+                  "test (%)")
     ax.set_title("kNN accuracy, seeds " + ",".join(FLAGS.seeds))
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("fraction of weak-positive pairs of the same class")
@@ -127,6 +181,19 @@ def _plot(summary, path):
     fig.savefig(path, dpi=120)
 
 
+def _linear_probe(model_dir):
+    """tools/linear_eval.py --mode=fast on a finished CIFAR-10 run (skipped when done)."""
+    import subprocess
+
+    if (FLAGS.preset != "cifar10" or not FLAGS.linear_epochs
+            or os.path.exists(os.path.join(model_dir, "linear_eval_fast.json"))):
+        return
+    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "linear_eval.py")
+    subprocess.run([sys.executable, tool, f"--model_dir={model_dir}", "--mode=fast",
+                    f"--epochs={FLAGS.linear_epochs}",
+                    f"--max_examples={FLAGS.max_eval_examples}"], check=True)
+
+
 def main(argv):
     del argv
     from wcl_tf import training
@@ -134,16 +201,20 @@ def main(argv):
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     names = [f.name for f in FLAGS.get_key_flags_for_module(sys.argv[0])]
     summary = {"flags": {n: FLAGS[n].value for n in names}, "runs": {}}
+    unknown = sorted(set(FLAGS.arms) - set(ARMS))
+    if unknown:
+        raise app.UsageError(f"unknown arm(s) {unknown}: use {', '.join(ARMS)}.")
     for seed in map(int, FLAGS.seeds):
-        for lam in map(float, FLAGS.lambdas):
-            name, cfg = _config(seed, lam)
+        for arm in FLAGS.arms:
+            name, cfg = _config(seed, arm)
             done = os.path.join(cfg.model_dir, "results.json")
             if os.path.exists(done):
                 with open(done) as f:
                     summary["runs"][name] = json.load(f)
-                continue
-            print(f"=== {name} ({time.strftime('%H:%M:%S')})", flush=True)
-            summary["runs"][name] = training.run(cfg, log=lambda m: print(m, flush=True))
+            else:
+                print(f"=== {name} ({time.strftime('%H:%M:%S')})", flush=True)
+                summary["runs"][name] = training.run(cfg, log=lambda m: print(m, flush=True))
+            _linear_probe(cfg.model_dir)
             with open(os.path.join(FLAGS.out_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
     table = _table(summary, FLAGS.out_dir)
