@@ -17,11 +17,17 @@ on_bad_image="fail", a DataError lists them). Decoding gives 3-channel uint8 wha
 file holds: grayscale is repeated, alpha dropped, 16-bit PNGs scaled to 8 bits, the first
 frame of a GIF kept. The training pipeline decodes again and drops any file that turns
 bad later (`ignore_errors`), so a file changed mid-run never stops an epoch.
+
+Order: `select_files` / `load_folder` list the files class by class (sorted) unless given
+a seed, then as a seeded permutation of the whole list; `max_examples` always keeps a
+seeded sample across all classes (the first entries of that permutation). The training
+pipeline permutes the (sampled) list again every epoch, see wcl_tf.data.pipeline.
 """
 
 import functools
 import os
 
+import numpy as np
 import tensorflow as tf
 
 from wcl_tf.data.sources import DataError
@@ -187,14 +193,33 @@ def scan_folder(dataset, split, on_bad_image="skip"):
     return scan
 
 
-def load_folder(dataset, split, max_examples=0, on_bad_image="skip"):
-    """(tf.data.Dataset of (uint8 (H, W, 3), int64 label), num_examples, num_classes)."""
+def select_files(dataset, split, max_examples=0, on_bad_image="skip", seed=None):
+    """(paths, labels) of one split, before any decoding.
+
+    seed None: sorted order (class by class). Otherwise a permutation of the whole list
+    drawn with `seed`. max_examples > 0 keeps the first max_examples of that permutation
+    (seed None counts as 0): a fixed, seeded sample across all classes, never the first
+    classes only.
+    """
     scan = scan_folder(dataset, split, on_bad_image)
-    files, labels = scan.files, scan.labels
+    files, labels = list(scan.files), list(scan.labels)
+    if seed is None and max_examples <= 0:
+        return files, labels
+    order = np.random.default_rng([int(seed or 0), 0x5EED]).permutation(len(files))
     if max_examples > 0:
-        files, labels = files[:max_examples], labels[:max_examples]
+        order = order[:max_examples]
+    return [files[i] for i in order], [labels[i] for i in order]
+
+
+def load_folder(dataset, split, max_examples=0, on_bad_image="skip", seed=None):
+    """(tf.data.Dataset of (uint8 (H, W, 3), int64 label), num_examples, num_classes).
+
+    The files come in the order select_files gives (seeded permutation, or sorted order
+    when seed is None and max_examples is 0)."""
+    files, labels = select_files(dataset, split, max_examples, on_bad_image, seed)
     ds = tf.data.Dataset.from_tensor_slices(
         (tf.constant(files), tf.constant(labels, tf.int64)))
     ds = ds.map(lambda path, label: (decode(tf.io.read_file(path)), label),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.ignore_errors(), len(files), scan.num_classes
+    return ds.ignore_errors(), len(files), scan_folder(dataset, split,
+                                                       on_bad_image).num_classes

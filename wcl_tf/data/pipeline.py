@@ -1,37 +1,64 @@
-"""The pre-training input pipeline: source -> shuffle -> batch -> views.
+"""The pre-training input pipeline: source -> epoch order -> batch -> views.
 
-Sources whose images are all S x S already (CIFAR-10 at 32 px, MNIST at 28 px):
+Order (`example_order`), like torch's DistributedSampler with drop_last and
+set_epoch(e): training epoch e (0-based, steps_per_epoch global steps) walks a
+permutation of the whole training split drawn from (cfg.seed, e), a new one every epoch;
+global step j of the epoch takes positions j*G .. j*G+G-1 (G = global batch), and if
+steps_per_epoch * G exceeds the split the epoch continues with permutations drawn from
+(cfg.seed, e, 1), (cfg.seed, e, 2), ... Every input pipeline computes the same
+permutation (stateless `index_shuffle`, nothing to keep in memory) and takes only its
+replicas' block of each global batch, before anything is decoded. A run resumed at step s
+(`initial_step`, mid-epoch too) starts its index stream there: it gets exactly the
+batches an uninterrupted run gets from step s on, without reading the skipped part.
 
-    load_split -> shard (per input pipeline) -> resize to S (uint8, a no-op) -> cache
-    -> shuffle (cfg.seed) -> repeat -> batch (drop_remainder) -> enumerate
-    -> two_views per batch (WEAK for the first cfg.weak_aug_epochs epochs, then STRONG)
-    -> prefetch
+Sources (`_training_source`):
+
+    image folder:  paths (a seeded sample across classes for max_train_examples)
+                   -> permuted indices -> read + decode only this pipeline's share
+    fixed-size data that fits _CACHE_LIMIT_BYTES (embedded MNIST, CIFAR, TFDS subsets):
+                   decoded once into memory (resized to S when S x S is the batched path's
+                   input) -> permuted indices -> gather
+    larger TFDS data: files read in one seeded order (shuffle_files), shard, then per
+                   epoch a _SHUFFLE_BUFFER shuffle seeded from (cfg.seed, e); a mid-epoch
+                   resume reads and drops the epoch's earlier images
+
+Then, for images that are S x S already (CIFAR-10 at 32 px, MNIST at 28 px):
+
+    -> batch (drop_remainder) -> two_views per batch (WEAK for the first
+    cfg.weak_aug_epochs epochs, then STRONG) -> prefetch
 
 Images of any other size (ImageNet, image folders, 32-px data trained at 224 px) are
 cropped one by one from the full-resolution image before batching, as torchvision's
 RandomResizedCrop does (a crop of the original, resized to S; never a stretched S x S copy):
 
-    load_split -> shard -> cache (small, fixed-size data only) -> shuffle -> repeat
-    -> enumerate -> 2 view crops (+ M local crops) per image, seeded per image
+    -> 2 view crops (+ M local crops) per image, seeded per image
     -> batch -> cropped_views per batch (jitter, grayscale, blur, flip) -> prefetch
 
 Augmentation happens here, in tf.data, never inside the replicated train step
 (WCL_SPEC section 2). One input pipeline feeds R = num_replicas_in_sync /
 num_input_pipelines replicas, giving consecutive batches to consecutive replicas
 (MirroredStrategy on one host: batches 0 and 1 are step 0 of replicas 0 and 1), so
-batch k is global step k // R and belongs to epoch (k // R) // steps_per_epoch. Its
-stateless augmentation seed is derived from (cfg.seed, k, input pipeline id).
+batch k of a pipeline made with initial_step s is global step s + k // R and belongs to
+epoch (s + k // R) // steps_per_epoch. That holds inside model.fit too: fit's first step
+trains on batch 0, because WCLModel._maybe_symbolic_build gives Keras a batch of zeros to
+learn the shapes instead of letting it draw data. Batch k's stateless augmentation seed
+is derived from (cfg.seed, s * R + k, input pipeline id), its images' crop seeds from
+their number in the pipeline, so a resumed run continues both sequences.
 """
 
 import numpy as np
 import tensorflow as tf
 
-from wcl_tf.data import augment
+from wcl_tf.data import augment, folder
 from wcl_tf.data.sources import DataError, load_split, resize_images
 
-# Decoded, resized training images are cached in memory when they take at most this.
+# Training images of one fixed size are decoded once into memory when they take at most
+# this (the whole split, on every host: each input pipeline draws from all of it).
 _CACHE_LIMIT_BYTES = 2 << 30
+# Shuffle buffer of TFDS data streamed from disk (too large for memory).
 _SHUFFLE_BUFFER = 16384
+# Tag of the random stream that orders the examples (apart from augmentation seeds).
+_ORDER_STREAM = 0x0DE7
 
 
 def pretrain_steps_per_epoch(cfg, num_examples):
@@ -59,22 +86,128 @@ def _resize_uint8(image, image_size):
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
+def _training_source(cfg, crop_first_shape=None):
+    """The training split as one of three kinds, in a fixed order of its own:
+
+    ("files", paths (string tensor), N): an image folder; max_train_examples keeps a
+      seeded sample across all classes (folder.select_files with cfg.seed). Decoded only
+      when drawn.
+    ("arrays", uint8 tensor (N, ...), N): data whose images all have one size and fit in
+      _CACHE_LIMIT_BYTES, decoded once into memory: resized to S x S when that is the
+      batched path's input, at source size otherwise.
+    ("stream", dataset of uint8 images, N): TFDS data too large for memory, read with its
+      files in a seeded order.
+    """
+    image_size = cfg.image_size
+    if folder.is_folder_dataset(cfg.dataset):
+        files, _ = folder.select_files(cfg.dataset, cfg.train_split, cfg.max_train_examples,
+                                       cfg.on_bad_image, seed=cfg.seed)
+        return "files", tf.constant(files), len(files)
+    ds, num_examples, _ = load_split(cfg.dataset, cfg.train_split, cfg.data_dir,
+                                     cfg.download, cfg.max_train_examples, cfg.seed,
+                                     on_bad_image=cfg.on_bad_image)
+    source_shape = tuple(ds.element_spec[0].shape)
+    stored = source_shape if source_shape != (image_size, image_size, 3) else None
+    if stored is None:
+        stored = (image_size, image_size, 3)
+        ds = ds.map(lambda image, label: (_resize_uint8(image, image_size), label),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    if None not in stored and num_examples * int(np.prod(stored)) <= _CACHE_LIMIT_BYTES:
+        images = np.empty((num_examples, *stored), np.uint8)
+        count = 0
+        for batch, _ in ds.batch(1024).prefetch(2).as_numpy_iterator():
+            images[count:count + len(batch)] = batch
+            count += len(batch)
+        return "arrays", tf.constant(images[:count]), count
+    ds, num_examples, _ = load_split(cfg.dataset, cfg.train_split, cfg.data_dir,
+                                     cfg.download, cfg.max_train_examples, cfg.seed,
+                                     on_bad_image=cfg.on_bad_image, shuffle_files=True)
+    return "stream", ds.map(lambda image, label: image,
+                            num_parallel_calls=tf.data.AUTOTUNE), num_examples
+
+
+def _epoch_seed(seed, epoch, k):
+    """Stateless seed (int64 [2]) of pass k of epoch `epoch` over the data."""
+    base = tf.stack([tf.cast(seed, tf.int64), tf.constant(_ORDER_STREAM, tf.int64)])
+    fold = tf.random.experimental.stateless_fold_in
+    return fold(fold(base, tf.cast(epoch, tf.int64)), tf.cast(k, tf.int64))
+
+
+def example_order(cfg, num_examples, batch_size, steps_per_epoch, num_pipelines=1,
+                  pipeline_id=0, replicas_per_pipeline=1, initial_step=0):
+    """Endless dataset of (number, index): this input pipeline's images from global step
+    `initial_step` on. number counts this pipeline's images from step 0 (it seeds their
+    crops); index is the example's position in the source's fixed order.
+
+    Like torch's DistributedSampler with drop_last: training epoch e (0-based) walks a
+    permutation of all num_examples examples drawn from (cfg.seed, e); its step j takes
+    positions j*G .. j*G+G-1 (G = global batch); pipeline p takes the block of
+    replicas_per_pipeline * batch_size of them that belongs to its replicas, replica after
+    replica. When steps_per_epoch * G exceeds num_examples the epoch continues with
+    further permutations drawn from (cfg.seed, e, 1), (cfg.seed, e, 2), ...
+    Every pipeline computes the same permutations; nothing is skipped by reading.
+    """
+    per_step = replicas_per_pipeline * batch_size  # this pipeline's images per step
+    global_batch = per_step * num_pipelines
+    n = tf.constant(num_examples, tf.int64)
+
+    def locate(number):
+        step = number // per_step
+        epoch = step // steps_per_epoch
+        position = ((step % steps_per_epoch) * global_batch + pipeline_id * per_step
+                    + number % per_step)
+        index = tf.random.experimental.index_shuffle(
+            position % n, _epoch_seed(cfg.seed, epoch, position // n), n - 1)
+        return number, index
+
+    first = int(initial_step) * per_step
+    return tf.data.Dataset.range(first, np.iinfo(np.int64).max).map(
+        locate, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _stream_order(cfg, images, num_examples, batch_size, steps_per_epoch, num_pipelines,
+                  pipeline_id, replicas_per_pipeline, initial_step):
+    """(number, image) for TFDS data read as a stream: this pipeline's shard, epoch e
+    shuffled by a buffer seeded from (cfg.seed, e) (files in one seeded order), as many
+    passes as the epoch needs, cut to the epoch's images; a resumed run starts at its
+    epoch and skips the images of that epoch's earlier steps (read and dropped)."""
+    if num_pipelines > 1:
+        images = images.shard(num_pipelines, pipeline_id)
+    per_step = replicas_per_pipeline * batch_size
+    per_epoch = steps_per_epoch * per_step
+    local = max(1, num_examples // num_pipelines)
+    passes = -(-per_epoch // local)
+    buffer = min(local, _SHUFFLE_BUFFER)
+
+    def epoch_images(epoch):
+        def one_pass(k):
+            seed = tf.random.stateless_uniform([], _epoch_seed(cfg.seed, epoch, k),
+                                               minval=0, maxval=2**31 - 1, dtype=tf.int64)
+            return images.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
+
+        return tf.data.Dataset.range(passes).flat_map(one_pass).take(per_epoch)
+
+    first_epoch, step_in_epoch = divmod(int(initial_step), steps_per_epoch)
+    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_images)
+    ds = ds.skip(step_in_epoch * per_step)
+    return ds.enumerate(start=int(initial_step) * per_step)
+
+
 def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=None,
                           strong_spec=augment.STRONG, weak_spec=augment.WEAK, initial_step=0):
     """Endless dataset of {"view_1", "view_2"}: float32 (batch_size, S, S, 3) in [0, 1],
     plus "local": (batch_size, M, L, L, 3) when cfg.num_local_crops = M > 0.
 
     batch_size: this pipeline's batch (per replica under a strategy). input_context: a
-    tf.distribute.InputContext; the data is sharded when there is more than one input
-    pipeline. steps_per_epoch: None computes it from the full split and
+    tf.distribute.InputContext; each of several input pipelines takes its own share of
+    every global batch. steps_per_epoch: None computes it from the full split and
     cfg.global_batch_size (pretrain_steps_per_epoch). strong_spec / weak_spec: the two
     recipes (tests pass distinguishable ones). initial_step: the global step of the
-    first batch (a resumed run passes its optimizer step so the warm-up is not redone).
+    first batch (a resumed run passes its optimizer step): from there on the batches are
+    exactly those of an uninterrupted run with the same settings (see example_order).
     """
     image_size = cfg.image_size
-    ds, num_examples, _ = load_split(cfg.dataset, cfg.train_split, cfg.data_dir,
-                                     cfg.download, cfg.max_train_examples, cfg.seed,
-                                     on_bad_image=cfg.on_bad_image)
+    kind, source, num_examples = _training_source(cfg)
     if steps_per_epoch is None:
         steps_per_epoch = pretrain_steps_per_epoch(cfg, num_examples)
     num_pipelines, pipeline_id, replicas_per_pipeline = 1, 0, 1
@@ -82,8 +215,6 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
         num_pipelines = input_context.num_input_pipelines
         pipeline_id = input_context.input_pipeline_id
         replicas_per_pipeline = max(1, input_context.num_replicas_in_sync // num_pipelines)
-        if num_pipelines > 1:
-            ds = ds.shard(num_pipelines, pipeline_id)
     local_examples = num_examples // num_pipelines
     if local_examples < batch_size:
         raise DataError(
@@ -92,59 +223,73 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
             f"more data (max_train_examples) or a smaller global_batch_size.")
 
     seed_base = tf.constant(cfg.seed, tf.int64)
-    source_shape = tuple(ds.element_spec[0].shape)
-    crop_first = source_shape != (image_size, image_size, 3)
-    if crop_first:
-        # Images of other sizes: crops come from each image at its own resolution and
-        # aspect ratio (torchvision's order), not from a copy squashed to S x S.
-        ds = ds.map(lambda image, label: image, num_parallel_calls=tf.data.AUTOTUNE)
-        if None not in source_shape and (local_examples * int(np.prod(source_shape))
-                                         <= _CACHE_LIMIT_BYTES):
-            ds = ds.cache()
+    per_step = replicas_per_pipeline * batch_size
+    if kind == "files":
+        crop_first = True
     else:
-        ds = ds.map(lambda image, label: _resize_uint8(image, image_size),
-                    num_parallel_calls=tf.data.AUTOTUNE)
-        if local_examples * image_size * image_size * 3 <= _CACHE_LIMIT_BYTES:
-            ds = ds.cache()
-    ds = ds.shuffle(min(local_examples, _SHUFFLE_BUFFER), seed=cfg.seed,
-                    reshuffle_each_iteration=True)
-    ds = ds.repeat()
+        element_shape = tuple(source.shape[1:] if kind == "arrays"
+                              else source.element_spec.shape)
+        crop_first = element_shape != (image_size, image_size, 3)
+    order_args = (cfg, num_examples, batch_size, steps_per_epoch, num_pipelines,
+                  pipeline_id, replicas_per_pipeline, initial_step)
 
-    def is_strong(batch_index):
-        step = initial_step + batch_index // replicas_per_pipeline
-        return use_strong_augmentation(step, steps_per_epoch, cfg.weak_aug_epochs)
+    def is_strong(number):
+        """Image `number` of this pipeline belongs to global step number // per_step."""
+        return use_strong_augmentation(number // per_step, steps_per_epoch,
+                                       cfg.weak_aug_epochs)
 
+    multi_crop = cfg.num_local_crops > 0
+
+    def crop_image(number, image):
+        # Seeds per (pipeline, image), a stream apart from the per-batch seeds below;
+        # number counts this pipeline's images from step 0, so a resumed run continues.
+        seed = tf.random.experimental.stateless_fold_in(
+            tf.stack([seed_base, -1 - tf.cast(pipeline_id, tf.int64)]),
+            number * num_pipelines + pipeline_id)
+        view_seed, local_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        spec = augment.select_spec(is_strong(number), strong_spec, weak_spec)
+        # Multi-crop: fixed global / local scales, as in multi_crop_views.
+        scale = cfg.global_crop_scale if multi_crop else spec.crop_scale
+        crops = {"views": augment.crops_of_image(image, 2, image_size, scale,
+                                                 spec.crop_ratio, view_seed)}
+        if multi_crop:
+            crops["local"] = augment.crops_of_image(
+                image, cfg.num_local_crops, cfg.local_crop_size, cfg.local_crop_scale,
+                spec.crop_ratio, local_seed)
+        return crops
+
+    if kind == "stream":
+        ds = _stream_order(cfg, source, *order_args[1:])
+        fetch = None
+    else:
+        ds = example_order(*order_args)
+        if kind == "files":
+            def fetch(index):
+                return folder.decode(tf.io.read_file(tf.gather(source, index)))
+        else:
+            def fetch(index):
+                return tf.gather(source, index)
     if crop_first:
-        ds = ds.enumerate()
-        multi_crop = cfg.num_local_crops > 0
-
-        def crop_image(index, image):
-            # Seeds per (pipeline, image), a stream apart from the per-batch seeds below.
-            number = initial_step * replicas_per_pipeline * batch_size + index
-            seed = tf.random.experimental.stateless_fold_in(
-                tf.stack([seed_base, -1 - tf.cast(pipeline_id, tf.int64)]),
-                number * num_pipelines + pipeline_id)
-            view_seed, local_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-            spec = augment.select_spec(is_strong(index // batch_size), strong_spec, weak_spec)
-            # Multi-crop: fixed global / local scales, as in multi_crop_views.
-            scale = cfg.global_crop_scale if multi_crop else spec.crop_scale
-            crops = {"views": augment.crops_of_image(image, 2, image_size, scale,
-                                                     spec.crop_ratio, view_seed)}
-            if multi_crop:
-                crops["local"] = augment.crops_of_image(
-                    image, cfg.num_local_crops, cfg.local_crop_size, cfg.local_crop_scale,
-                    spec.crop_ratio, local_seed)
-            return crops
-
-        ds = ds.map(crop_image, num_parallel_calls=tf.data.AUTOTUNE)
+        if fetch is None:
+            ds = ds.map(crop_image, num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            ds = ds.map(lambda number, index: crop_image(number, fetch(index)),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+    elif fetch is None:
+        ds = ds.map(lambda number, image: _resize_uint8(image, image_size),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    else:  # In-memory, already S x S.
+        ds = ds.map(lambda number, index: fetch(index), num_parallel_calls=tf.data.AUTOTUNE)
+    if kind == "files":
+        ds = ds.ignore_errors()  # A file that turned unreadable after the scan.
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.enumerate()
 
     def make_views(batch_index, images):
-        strong = is_strong(batch_index)
         # Unique per (pipeline, batch): replicas must not share crops.
         # A resumed run continues the sequence instead of replaying epoch 1's crops.
         batch_number = initial_step * replicas_per_pipeline + batch_index
+        strong = is_strong(batch_number * batch_size)
         seed = tf.stack([seed_base, batch_number * num_pipelines + pipeline_id])
         if crop_first:
             crops = {"view_1": images["views"][:, 0], "view_2": images["views"][:, 1]}

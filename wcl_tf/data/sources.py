@@ -75,7 +75,7 @@ def _prepare_command(dataset, data_dir):
             f'tfds.builder("{dataset}"{where}).download_and_prepare()\'')
 
 
-def _load_tfds(dataset, split, data_dir, download, max_examples, seed):
+def _load_tfds(dataset, split, data_dir, download, max_examples, seed, shuffle_files=False):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
     builder = _tfds_builder(dataset, data_dir)
@@ -99,13 +99,18 @@ def _load_tfds(dataset, split, data_dir, download, max_examples, seed):
         split = f"{split}[:{max_examples}]"
     try:
         num_examples = builder.info.splits[split].num_examples
-        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False,
-                                read_config=tfds.ReadConfig(shuffle_seed=seed,
-                                                            try_autocache=False))
+        # A sliced split ('train[:N]') is a fixed subset; shuffle_files only changes the
+        # order its files are read in (one seeded order, the same every iteration).
+        ds = builder.as_dataset(split=split, as_supervised=True,
+                                shuffle_files=shuffle_files and not (
+                                    max_examples > 0 and not simple),
+                                read_config=tfds.ReadConfig(
+                                    shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
+                                    try_autocache=False))
     except (ValueError, KeyError, AssertionError) as err:
         raise DataError(f"cannot read split {split!r} of {dataset!r}: {err}") from err
     if max_examples > 0 and not simple:
-        ds = ds.take(max_examples)
+        ds = ds.take(max_examples)  # Files read in order here: the first max_examples.
         num_examples = min(num_examples, max_examples)
     if "label" not in builder.info.features or not hasattr(
             builder.info.features["label"], "num_classes"):
@@ -124,17 +129,21 @@ def _load_tfds(dataset, split, data_dir, download, max_examples, seed):
     return ds.map(to_rgb, num_parallel_calls=tf.data.AUTOTUNE), num_examples, num_classes
 
 
-def load_split(dataset, split, data_dir=None, download=False, max_examples=0, seed=0,
-               on_bad_image="skip"):
+def load_split(dataset, split, data_dir=None, download=False, max_examples=0, seed=None,
+               on_bad_image="skip", shuffle_files=False):
     """Returns (tf.data.Dataset of (image uint8 (H, W, 3), label int64), num_examples,
     num_classes).
 
     dataset: 'embedded_mnist' (offline), 'folder:/path' (images on disk, see
     wcl_tf.data.folder; label -1 and num_classes 0 without class subfolders) or a TFDS
     name. split: 'train' / 'test' for embedded_mnist and folders, any TFDS split string
-    otherwise. max_examples > 0 keeps the first that many examples. seed: TFDS read seed
-    (files are read in order; the embedded permutation is fixed). on_bad_image: folders
-    only, 'skip' undecodable files or 'fail' with their list.
+    otherwise. max_examples > 0 keeps that many examples: the first ones of embedded_mnist
+    (a fixed permutation) and of TFDS ('train[:N]'), a sample across all classes drawn
+    with `seed` (0 when None) from a folder. seed: folders yield their files in a
+    permutation drawn with it (None: sorted order); TFDS file-shuffle seed.
+    on_bad_image: folders only, 'skip' undecodable files or 'fail' with their list.
+    shuffle_files: TFDS only, read the files in an order drawn with `seed` (the same
+    order every iteration); the training pipeline's large-data path uses it.
     """
     if max_examples < 0:
         raise DataError(f"max_examples must be >= 0 (0: all), got {max_examples}.")
@@ -143,8 +152,9 @@ def load_split(dataset, split, data_dir=None, download=False, max_examples=0, se
     from wcl_tf.data import folder  # pylint: disable=import-outside-toplevel
 
     if folder.is_folder_dataset(dataset):
-        return folder.load_folder(dataset, split, max_examples, on_bad_image)
-    return _load_tfds(dataset, split, data_dir, download, max_examples, seed)
+        return folder.load_folder(dataset, split, max_examples, on_bad_image, seed=seed)
+    return _load_tfds(dataset, split, data_dir, download, max_examples,
+                      0 if seed is None else seed, shuffle_files)
 
 
 def resize_images(images, image_size):

@@ -276,12 +276,30 @@ class WCLModel(keras.Model):
         return _multi_worker_logs(self._update_metrics(logs))
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras 3.15 reduces the whole first (dict) batch with strategy.reduce to learn
-        # its shapes; MultiWorkerMirroredStrategy cannot reduce a nest and fails. The
-        # batch only serves shapes, so hand Keras this worker's first replica's rows.
+        # Keras 3.15 learns the batch shapes at the start of fit / evaluate by drawing the
+        # first batch from an extra iterator of the data (one more start of the whole
+        # input pipeline, thrown away) and reducing it with strategy.reduce, which fails
+        # on a nest under MultiWorkerMirroredStrategy. Only shapes matter: hand Keras
+        # zeros shaped like one replica's batch, from the dataset's element_spec, so no
+        # data is drawn and fit's step 0 trains on the pipeline's batch 0 in every
+        # strategy (wcl_tf.data.pipeline counts batches from there).
+        dataset = getattr(iterator, "_distributed_dataset", None)
+        if iterator is not None and data_batch is None and dataset is not None:
+            def zeros(spec):
+                spec = getattr(spec, "_value_specs", (spec,))[0]  # PerReplicaSpec
+                if not isinstance(spec, tf.TensorSpec):
+                    raise TypeError(spec)
+                return tf.zeros([1 if d is None else d for d in spec.shape], spec.dtype)
+
+            try:
+                data_batch = tf.nest.map_structure(zeros, dataset.element_spec)
+                iterator = None
+            except (TypeError, ValueError):  # Not plain tensors: let Keras draw a batch.
+                data_batch = None
         strategy = self._distribute_strategy
         if (iterator is not None and data_batch is None
                 and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)):
+            # The batch only serves shapes: this worker's first replica's rows.
             for _, _, it in iterator:
                 data_batch = tf.nest.map_structure(
                     lambda v: strategy.experimental_local_results(v)[0], next(it))
