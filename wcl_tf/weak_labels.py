@@ -10,7 +10,8 @@ every replica of a distributed step.
 
 Why pointer doubling is exact here: the 1-NN graph is a functional graph (one
 outgoing edge per node), so each component holds exactly one cycle, and with a
-symmetric similarity and a fixed tie-break every cycle has length 2 (a pair of
+symmetric similarity (made bit-symmetric, whatever the matmul kernel returns) and a
+fixed tie-break every cycle has length 2 (a pair of
 mutual nearest neighbours; a longer cycle would need all its similarities equal and
 its tie-break indices to decrease around the cycle, which is impossible). Following
 nn 2^k >= n times from any node lands on its component's mutual pair {a, b}, and
@@ -31,8 +32,20 @@ def nearest_neighbours(v):
       (n,) int32 tensor.
     """
     v = tf.math.l2_normalize(tf.cast(v, tf.float32), axis=1)
-    n = tf.shape(v)[0]
-    sim = tf.matmul(v, v, transpose_b=True)  # (n, n)
+    return nearest_neighbours_from_similarity(tf.matmul(v, v, transpose_b=True))
+
+
+def nearest_neighbours_from_similarity(sim):
+    """nearest_neighbours given the (n, n) similarity matrix.
+
+    The matrix is symmetrised first, (S + S^T) / 2, which is bit-symmetric (IEEE addition
+    commutes): a GPU/TPU matmul kernel need not return v_i.v_j and v_j.v_i bit for bit,
+    and with near ties such asymmetry can give a 1-NN cycle longer than 2, which breaks
+    the pointer doubling below (module doc). Symmetric input passes through unchanged.
+    """
+    sim = tf.cast(sim, tf.float32)
+    sim = 0.5 * (sim + tf.transpose(sim))
+    n = tf.shape(sim)[0]
     # Exclude self with an additive mask (no boolean selection: TPU-friendly).
     sim = sim - 3.0 * tf.eye(n, dtype=sim.dtype)
     best = tf.reduce_max(sim, axis=1, keepdims=True)
