@@ -212,37 +212,78 @@ class WCLModel(keras.Model):
         for name, value in logs.items():
             self._trackers[name].update_state(tf.where(finite, value, 0.0),
                                               sample_weight=weight)
-        self._trackers["nonfinite_steps"].update_state(1.0 - weight)
+        # Keras sums a Sum metric's replica copies: each replica adds its 1/R share.
+        _, replicas, _ = distributed.replica_info()
+        self._trackers["nonfinite_steps"].update_state((1.0 - weight) / replicas)
         return {name: tracker.result() for name, tracker in self._trackers.items()}
 
     def _step_is_finite(self, loss, grads):
-        """Scalar bool, the same on every replica: the global loss is finite and, unless
-        dynamic loss scaling handles overflowing gradients itself, so is every gradient."""
-        finite = tf.math.is_finite(loss)
-        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            # A NaN or Inf anywhere makes the sum non-finite: one pass over the gradients.
-            grads_ok = tf.math.is_finite(tf.add_n(
-                [tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads if g is not None]))
-            # Replicas hold different gradients before the all-reduce: agree on the flag.
-            bad_replicas = distributed.global_sum(1.0 - tf.cast(grads_ok, tf.float32))
-            finite = tf.logical_and(finite, bad_replicas == 0.0)
-        return finite
+        """(loss_ok, grads_ok): scalar bools, the same on every replica. loss_ok: the
+        global loss is finite; grads_ok: every gradient of every replica is finite."""
+        loss_ok = tf.math.is_finite(loss)
+        # A NaN or Inf anywhere makes the sum non-finite: one pass over the gradients.
+        local_ok = tf.math.is_finite(tf.add_n(
+            [tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads if g is not None]))
+        # Replicas hold different gradients before the all-reduce: agree on the flag.
+        bad_replicas = distributed.global_sum(1.0 - tf.cast(local_ok, tf.float32))
+        return loss_ok, bad_replicas == 0.0
 
     def _apply_if_finite(self, finite, grads, variables):
         """optimizer.apply(grads) when `finite` (equal on all replicas), else only count
         the step, so that the schedule and the data stay aligned.
 
+        Dynamic loss scaling (LossScaleOptimizer) is driven by the same global flag:
+        Keras 3.15's LossScaleOptimizer checks the gradients per replica before they are
+        summed and acts on replica 0's answer, so an Inf in replica 1's gradient reached
+        the weights. Here its inner optimizer applies the unscaled gradients when every
+        replica's are finite; otherwise nothing is applied and the scale is halved and
+        its counter reset, on all replicas alike (Keras' own rule, done here because its
+        apply() cannot be handed a global flag).
+
         MirroredStrategy's optimizer update calls merge_call, which may not sit inside a
         tf.cond in replica context: there the cond runs in cross-replica context (as
         Keras' LossScaleOptimizer does).
         """
+        scaler = self.optimizer
+        scaled = isinstance(scaler, keras.optimizers.LossScaleOptimizer)
+
+        def apply_grads(grads, variables):
+            if not scaled:
+                self.optimizer.apply(grads, variables)
+                return
+            scale = scaler.dynamic_scale
+            scaler.inner_optimizer.apply(
+                [None if g is None else g / tf.cast(scale, g.dtype) for g in grads], variables)
+
+        def grow_scale():
+            if not scaled:
+                return
+
+            def upscale():
+                scaler.step_counter.assign(0)
+                scaler.dynamic_scale.assign(scaler.dynamic_scale * 2.0)
+                return tf.constant(True)
+
+            def increment():
+                scaler.step_counter.assign_add(1)
+                return tf.constant(True)
+
+            tf.cond(tf.equal(scaler.step_counter, scaler.dynamic_growth_steps - 1),
+                    upscale, increment)
+
         def skip():
             self.optimizer.iterations.assign_add(1)
+            if scaled:
+                scaler.step_counter.assign(0)
+                scaler.dynamic_scale.assign(scaler.dynamic_scale * 0.5)
             return tf.constant(False)
 
+        if scaled and not scaler.built:
+            scaler.build(variables)
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
             def apply():
-                self.optimizer.apply(grads, variables)
+                apply_grads(grads, variables)
+                grow_scale()
                 return tf.constant(True)
 
             tf.cond(finite, apply, skip)
@@ -252,8 +293,8 @@ class WCLModel(keras.Model):
             finite = strategy.experimental_local_results(finite)[0]
 
             def apply():
-                strategy.extended.call_for_each_replica(self.optimizer.apply,
-                                                        args=(grads, variables))
+                strategy.extended.call_for_each_replica(apply_grads, args=(grads, variables))
+                grow_scale()
                 return tf.constant(True)
 
             tf.cond(finite, apply, skip)
@@ -267,9 +308,13 @@ class WCLModel(keras.Model):
             scaled = self.optimizer.scale_loss(loss_share)
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
-        finite = self._step_is_finite(logs["loss"], grads)
-        self._apply_if_finite(finite, grads, variables)
-        return _multi_worker_logs(self._update_metrics(logs, finite))
+        loss_ok, grads_ok = self._step_is_finite(logs["loss"], grads)
+        self._apply_if_finite(tf.logical_and(loss_ok, grads_ok), grads, variables)
+        # Under dynamic loss scaling an overflow with a finite loss is routine (the scale
+        # halves); only a non-finite loss counts as a bad step there.
+        counted_ok = (loss_ok if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+                      else tf.logical_and(loss_ok, grads_ok))
+        return _multi_worker_logs(self._update_metrics(logs, counted_ok))
 
     def test_step(self, data):
         _, logs = self.compute_objective(data, training=False)
