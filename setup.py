@@ -11,6 +11,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["wcl_tf", "wcl_tf.*"]),
+    # The shipped configs (python -m wcl_tf.train --config=NAME). They live in
+    # wcl_tf/configs/; the repository's top-level configs/ is a symlink to that folder.
+    package_data={"wcl_tf": ["configs/*.flags"]},
     python_requires=">=3.10",
     install_requires=[
         "tensorflow==2.21.0",
@@ -31,5 +34,15 @@ setup(
         # nbclient + nbformat + ipykernel (its "python3" kernel) execute the notebooks.
         "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
     },
-    entry_points={"console_scripts": ["wcl-train=wcl_tf.train:entry_point"]},
+    entry_points={"console_scripts": [
+        "wcl-train=wcl_tf.train:entry_point",
+        "wcl-knn-eval=wcl_tf.tools.knn_eval:main",
+        "wcl-linear-eval=wcl_tf.tools.linear_eval:main",
+        "wcl-finetune=wcl_tf.tools.finetune:main",
+        "wcl-export=wcl_tf.tools.export:main",
+        "wcl-benchmark=wcl_tf.tools.benchmark:main",
+        "wcl-show-views=wcl_tf.tools.show_views:main",
+        "wcl-raw-pixel-knn=wcl_tf.tools.raw_pixel_knn:main",
+        "wcl-reproduce-cifar=wcl_tf.tools.reproduce_cifar:main",
+    ]},
 )

@@ -60,3 +60,35 @@ def test_training_build_applies_the_precision_setting(policy, precision):
     assert model.backbone.layers[-1].compute_dtype == precision.split("_")[1]
     scaled = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     assert scaled == (precision == "mixed_float16")
+
+
+def test_build_gives_a_notebook_its_policy_and_seeds_back(policy):
+    import random
+
+    from tensorflow.python.eager import context
+
+    from wcl_tf import training
+    from wcl_tf.config import Config
+
+    def seed_everything():
+        random.seed(11)
+        np.random.seed(11)
+        tf.random.set_seed(11)
+
+    keras.config.set_dtype_policy("float32")
+    seed_everything()
+    expected = (random.random(), float(np.random.rand()))
+    seed_everything()
+    cfg = Config(backbone="small_cnn", width=4, head_hidden_dim=8, head_output_dim=4,
+                 image_size=16, global_batch_size=8, epochs=1, warmup_epochs=0,
+                 precision="mixed_bfloat16", seed=3)
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    model = training.build(cfg, strategy, 2)
+    assert model.backbone.layers[-1].compute_dtype == "bfloat16"  # built in cfg.precision
+    assert keras.config.dtype_policy().name == "float32"  # the notebook's, given back
+    assert context.global_seed() == 11
+    assert (random.random(), float(np.random.rand())) == expected
+    # Still seeded by cfg.seed: the same initial weights on a second build.
+    again = training.build(cfg, strategy, 2)
+    for a, b in zip(model.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -123,6 +123,25 @@ def test_nan_stops_the_run_and_the_last_checkpoint_loads(tmp_path):
     assert not os.path.exists(os.path.join(cfg.model_dir, training.RESULTS_FILE))
     model = load_checkpoint(training.checkpoint_path(cfg.model_dir, 1))
     assert all(np.isfinite(w).all() for w in model.get_weights())
-    # The same command, without the fault, resumes from epoch 1 and finishes.
-    results = training.run(cfg, log=lambda _: None)
+    # The message's advice: the same command with --skip_nonfinite_steps resumes from
+    # epoch 1 (the setting may change between attempts) and finishes.
+    assert "--skip_nonfinite_steps=N" in message
+    results = training.run(cfg.replace(skip_nonfinite_steps=2), log=lambda _: None)
     assert results["resumed_from_epoch"] == 1 and results["completed_epochs"] == 3
+
+
+def test_guard_reads_the_count_once_per_execution():
+    model = _model()
+    model.compile(optimizer=model.optimizer, steps_per_execution=2)
+    calls = []
+    counter = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: calls.append(batch))
+    lines = []
+    guard = callbacks_lib.NonFiniteGuard(max_skips=2, log=lines.append)
+    history = model.fit(_batches([1, 2]), epochs=1, callbacks=[guard, counter],
+                        verbose=0).history
+    assert len(calls) == 2  # one host read per execution of 2 steps, not 4
+    assert guard.skipped == 2 and guard.tripped is None
+    assert history["nonfinite_steps"] == [2.0]
+    assert "one of optimizer steps 0-1" in lines[0] and "one of optimizer steps 2-3" in lines[1]
+    assert int(model.optimizer.iterations.numpy()) == 4

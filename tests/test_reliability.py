@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from wcl_tf import training
+from wcl_tf import run_folder, training
 from wcl_tf.export import load_checkpoint
 
 _SCRIPT = os.path.join(os.path.dirname(__file__), "checkpoint_kill_run.py")
@@ -65,5 +65,5 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     folder.mkdir()
     for epoch in range(1, 6):
         (folder / f"epoch_{epoch:03d}.keras").write_bytes(b"x")
-    training._prune_checkpoints(str(tmp_path), keep=2)
+    run_folder.prune_checkpoints(str(tmp_path), keep=2)
     assert sorted(os.listdir(folder)) == ["epoch_004.keras", "epoch_005.keras"]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from wcl_tf import training
+from wcl_tf import run_folder, training
 from wcl_tf.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,7 +162,7 @@ def test_restored_model_takes_the_same_next_step(tmp_path):
     original.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
     path = training.checkpoint_path(str(tmp_path), 1)
     os.makedirs(os.path.dirname(path))
-    training._save_model(original, path)
+    run_folder.save_model(original, path)
     assert training.latest_checkpoint(str(tmp_path)) == (1, path)
 
     restored = training.build(cfg, strategy, cfg.steps_per_epoch)
@@ -189,7 +189,7 @@ def test_restore_under_mirrored_strategy_fills_every_replica(tmp_path, two_repli
     for v in saved.weights + saved.optimizer.variables:  # Stand-in for trained state.
         v.assign(rng.integers(1, 100, size=v.shape).astype(v.dtype))
     path = str(tmp_path / "epoch_001.keras")
-    training._save_model(saved, path)
+    run_folder.save_model(saved, path)
 
     restored = training.build(cfg, strategy, cfg.steps_per_epoch)
     steps = int(saved.optimizer.iterations.numpy())

@@ -46,6 +46,14 @@ def test_model_dir_with_other_settings_is_refused(tmp_path):
         archive.writestr("model.weights.h5", b"")
     with pytest.raises(ConfigError, match="temperature: 0.3 -> 0.2"):
         training._prepare_model_dir(cfg.replace(temperature=0.2))
+    # Settings of an attempt, not of the run, may change (what the NaN message advises).
+    training._prepare_model_dir(cfg.replace(
+        temperature=0.3, skip_nonfinite_steps=4, data_dir=str(tmp_path / "elsewhere"),
+        eval_every_epochs=1, keep_checkpoints=1, verbose=2, strategy="mirrored"))
+    for change in ({"seed": 1}, {"global_batch_size": 32}, {"graph_key_grad": True},
+                   {"epochs": TINY["epochs"] + 1}, {"precision": "mixed_bfloat16"}):
+        with pytest.raises(ConfigError, match=f"{next(iter(change))}: "):
+            training._prepare_model_dir(cfg.replace(temperature=0.3, **change))
 
 
 def _cli(*args, timeout=300):

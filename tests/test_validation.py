@@ -44,6 +44,7 @@ _BAD_SETTINGS = [
     ({"keep_checkpoints": -1}, "keep_checkpoints must be >= 0"),
     ({"on_bad_image": "ignore"}, "on_bad_image must be 'skip' or 'fail'"),
     ({"skip_nonfinite_steps": -1}, "skip_nonfinite_steps must be >= 0"),
+    ({"steps_per_execution": 0}, "steps_per_execution must be >= 1"),
     ({"max_train_examples": -5}, "max_train_examples must be >= 0"),
     ({"max_eval_examples": -5}, "max_eval_examples must be >= 0"),
     ({"trust_coefficient": 0.0}, "trust_coefficient (LARS eta) must be > 0"),
@@ -52,14 +53,43 @@ _BAD_SETTINGS = [
 ]
 
 
-def test_every_validation_message_is_tested():
-    """Each `need(...)` in Config.validate has a case above (no check goes untested)."""
+def _validation_message_prefixes():
+    """The literal start of every need(...) message in Config.validate (via ast)."""
+    import ast
     import inspect
+    import re
+    import textwrap
 
     from wcl_tf import config
 
-    checks = inspect.getsource(config.Config.validate).count("need(") - 1  # the def
-    assert len(_BAD_SETTINGS) >= checks, (len(_BAD_SETTINGS), checks)
+    tree = ast.parse(textwrap.dedent(inspect.getsource(config.Config.validate)))
+    prefixes = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "need"
+                and len(node.args) == 2):
+            message = node.args[1]
+            parts = message.values if isinstance(message, ast.JoinedStr) else [message]
+            # Its first three literal words; "*" first when it starts with a formatted
+            # value (such as the setting's name).
+            starts_literal = isinstance(parts[0], ast.Constant)
+            literal = next(p.value for p in parts if isinstance(p, ast.Constant))
+            words = " ".join(literal.split()[:3]).rstrip(",:;.")
+            prefixes.append(words if starts_literal else "*" + words)
+    return prefixes
+
+
+def test_every_validation_message_is_tested():
+    """Each need(...) in Config.validate has a case above whose expected words start like
+    its message (a duplicated case cannot hide a missing one)."""
+    prefixes = _validation_message_prefixes()
+    assert len(prefixes) >= 30  # the parse found the checks
+    def covers(prefix, expected):
+        return (prefix[1:] in expected if prefix.startswith("*")
+                else expected.startswith(prefix))
+
+    untested = [p for p in prefixes
+                if not any(covers(p, expected) for _, expected in _BAD_SETTINGS)]
+    assert not untested, untested
 
 
 @pytest.mark.parametrize("changes, expected", _BAD_SETTINGS,

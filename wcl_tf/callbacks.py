@@ -99,6 +99,19 @@ def learning_rate_at(optimizer, step):
     return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
+def describe_step(info):
+    """'optimizer step S (epoch E, batch B), learning rate L' of a NonFiniteGuard info
+    dict; 'optimizer steps F-S (epoch E, batches ..B)' when the step is known only within
+    one execution of several steps."""
+    if info.get("first_step", info["optimizer_step"]) < info["optimizer_step"]:
+        span = info["optimizer_step"] - info["first_step"]
+        return (f"one of optimizer steps {info['first_step']}-{info['optimizer_step']} "
+                f"(epoch {info['epoch']}, batches {info['batch'] - span}-{info['batch']}), "
+                f"learning rate about {info['learning_rate']:.4g}")
+    return (f"optimizer step {info['optimizer_step']} (epoch {info['epoch']}, batch "
+            f"{info['batch']}), learning rate {info['learning_rate']:.4g}")
+
+
 class NonFiniteGuard(keras.callbacks.Callback):
     """Stops training at a non-finite step, or skips up to `max_skips` of them.
 
@@ -107,6 +120,11 @@ class NonFiniteGuard(keras.callbacks.Callback):
     each skipped step is reported through `log` (optimizer step, epoch, learning rate);
     the (max_skips + 1)-th stops training and leaves `tripped` = a dict describing it
     (None while all is well), which the caller turns into an error message.
+
+    The count is read when Keras hands over the logs: after every step, or once per
+    execution with compile(steps_per_execution=k) (no device-to-host sync per step).
+    With k > 1 a bad step is located within its execution: `first_step` ..
+    `optimizer_step` in the info dict, and training stops at the end of that execution.
     """
 
     def __init__(self, max_skips=0, log=print):
@@ -116,31 +134,39 @@ class NonFiniteGuard(keras.callbacks.Callback):
         self.tripped = None
         self._seen_this_epoch = 0
         self._epoch = 0
+        self._last_step = None  # optimizer step after the previous logs, this epoch
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch, self._seen_this_epoch = epoch, 0
+        self._last_step = None
 
     def on_train_batch_end(self, batch, logs=None):
         count = int(round(float((logs or {}).get("nonfinite_steps", 0.0))))
-        if count <= self._seen_this_epoch:
+        optimizer = self.model.optimizer
+        done = int(keras.ops.convert_to_numpy(optimizer.iterations))  # steps counted so far
+        first = self._last_step if self._last_step is not None else max(
+            0, done - int(getattr(self.model, "steps_per_execution", 1) or 1))
+        self._last_step = done
+        new = count - self._seen_this_epoch
+        if new <= 0:
             return
         self._seen_this_epoch = count
-        self.skipped += 1
-        optimizer = self.model.optimizer
-        # The optimizer counted the skipped step too: it was step iterations - 1.
-        step = int(keras.ops.convert_to_numpy(optimizer.iterations)) - 1
+        self.skipped += new
+        # The optimizer counted the skipped step too: it was one of first .. done - 1.
+        step = done - 1
         info = {
             "optimizer_step": step,
+            "first_step": min(first, step),
             "epoch": self._epoch + 1,
             "batch": batch + 1,
             "learning_rate": learning_rate_at(optimizer, step),
             "skipped_so_far": self.skipped,
         }
-        where = (f"optimizer step {info['optimizer_step']} (epoch {info['epoch']}, batch "
-                 f"{info['batch']}), learning rate {info['learning_rate']:.4g}")
+        where = describe_step(info)
         if self.skipped > self.max_skips:
             self.tripped = info
             self.model.stop_training = True
             return
-        self.log(f"warning: non-finite loss or gradients at {where}: update skipped "
+        self.log(f"warning: non-finite loss or gradients at {where}: "
+                 f"{'update' if new == 1 else f'{new} updates'} skipped "
                  f"({self.skipped} of at most {self.max_skips}).")

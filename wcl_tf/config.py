@@ -22,12 +22,26 @@ class ConfigError(ValueError):
     """A setting is out of range; the message names the fix."""
 
 
+def _attempt(default):
+    """A field that may change between attempts at one run (a resumed run accepts a new
+    value): where data and checkpoints live, how many replicas share the unchanged global
+    batch, logging, and the non-finite step budget (the NaN message advises raising it).
+    Every other field defines the run: model, objective, data, batch, schedule, seed."""
+    return dataclasses.field(default=default, metadata={"may_change_on_resume": True})
+
+
+def run_defining_fields():
+    """Names of the Config fields that a resumed run must keep unchanged."""
+    return tuple(f.name for f in dataclasses.fields(Config)
+                 if not f.metadata.get("may_change_on_resume"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     # Data.
     dataset: str = "embedded_mnist"
-    data_dir: Optional[str] = None
-    download: bool = False
+    data_dir: Optional[str] = _attempt(None)
+    download: bool = _attempt(False)
     train_split: str = "train"
     eval_split: str = "test"
     image_size: int = 32
@@ -83,23 +97,26 @@ class Config:
     local_loss_weight: float = 1.0
 
     # Run.
-    model_dir: str = "runs/default"
+    model_dir: str = _attempt("runs/default")
     # Epoch checkpoints kept on disk, newest first (0: all of them).
-    keep_checkpoints: int = 3
-    strategy: str = "one_device"
+    keep_checkpoints: int = _attempt(3)
+    strategy: str = _attempt("one_device")
     # Compute dtype; similarity logits, exp and log-sum-exp stay float32 regardless.
     precision: str = "float32"
-    tpu: str = ""
+    tpu: str = _attempt("")
     seed: int = 0
     knn_k: int = 200
     knn_temperature: float = 0.1
     # kNN top-1 and weak-label diagnostics every N epochs (0: only at the end).
-    eval_every_epochs: int = 0
+    eval_every_epochs: int = _attempt(0)
     # A step whose loss or gradients are not finite is never applied. 0: the first one
     # stops the run (the last epoch checkpoint is kept); N: up to N such steps are
     # skipped (logged), the N+1-th stops the run.
-    skip_nonfinite_steps: int = 0
-    verbose: int = 1
+    skip_nonfinite_steps: int = _attempt(0)
+    # Train steps per call into the device (Keras steps_per_execution): logs, callbacks
+    # and the non-finite guard read the host side once per execution, not every step.
+    steps_per_execution: int = _attempt(1)
+    verbose: int = _attempt(1)
 
     def validate(self):
         """Raises ConfigError naming the offending setting and the fix."""
@@ -127,6 +144,9 @@ class Config:
         need(self.image_size >= 8,
              f"image_size must be >= 8 pixels, got {self.image_size}.")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}.")
+        need(self.steps_per_execution >= 1,
+             f"steps_per_execution must be >= 1 (1: the host reads the logs after every "
+             f"step), got {self.steps_per_execution}.")
         need(0 <= self.warmup_epochs <= self.epochs,
              f"warmup_epochs must be between 0 and epochs ({self.epochs}), "
              f"got {self.warmup_epochs}.")

@@ -24,6 +24,9 @@ directly (see `load_encoder_for_finetuning`).
 Why a `tf.Module` and `tf.saved_model.save` rather than Keras `model.export()`: the Keras
 export archive stores every variable twice (WCL_SPEC section 6); this module stores each
 once (`variable_bytes` vs the size of `variables/`, checked in tests/test_export.py).
+
+Paths may be local or URLs (gs://..., ram://...): files go through wcl_tf.run_folder and
+tf.io.gfile, and `tf.saved_model.save` / `tf.saved_model.load` take URLs themselves.
 """
 
 import json
@@ -34,6 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from wcl_tf import run_folder
 from wcl_tf.models import backbones
 
 PREPROCESSING_ASSET = "wcl_preprocessing.json"
@@ -66,11 +70,8 @@ def variable_bytes(model):
 
 
 def directory_bytes(path):
-    """Total size of the files under `path`."""
-    total = 0
-    for root, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    return total
+    """Total size of the files under `path` (a local folder or a URL)."""
+    return run_folder.directory_bytes(path)
 
 
 def saved_variable_bytes(path):
@@ -80,7 +81,10 @@ def saved_variable_bytes(path):
     serialised proto describing the object graph (7.6 KB for the tiny test CNN, 31 KB for
     resnet18_cifar), under OBJECT_GRAPH_KEY.
     """
-    reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+    # Not tf.train.load_checkpoint: it asks gfile.isdir first, and on ram:// any name
+    # prefix ("variables/variables" of "variables/variables.index") is a directory.
+    reader = tf.compat.v1.train.NewCheckpointReader(
+        run_folder.join(path, "variables", "variables"))
     sizes = {}
     for key in reader.get_variable_to_shape_map():
         value = reader.get_tensor(key)
@@ -199,15 +203,14 @@ def export_encoder(model, path, image_size, mean_std_note=None):
 
     spec = dict(spec)
     spec["variable_bytes"] = variable_bytes(backbone)
-    spec["variables_dir_bytes"] = directory_bytes(os.path.join(path, "variables"))
+    spec["variables_dir_bytes"] = directory_bytes(run_folder.join(path, "variables"))
     spec["object_graph_bytes"] = saved_variable_bytes(path).get(OBJECT_GRAPH_KEY, 0)
     return spec
 
 
 def read_preprocessing(path):
     """The preprocessing dict stored with an exported encoder."""
-    with open(os.path.join(path, "assets", PREPROCESSING_ASSET)) as f:
-        return json.load(f)
+    return json.loads(run_folder.read_text(run_folder.join(path, "assets", PREPROCESSING_ASSET)))
 
 
 def load_encoder_for_finetuning(path, trainable=True, name="wcl_encoder"):
@@ -245,7 +248,7 @@ class EncoderLayer(keras.layers.TFSMLayer):
 
 
 def load_checkpoint(path):
-    """A WCLModel from a `.keras` file saved by training (safe mode on)."""
+    """A WCLModel from a `.keras` file saved by training (safe mode on; local or URL)."""
     import wcl_tf.models.wcl_model  # noqa: F401  Registers WCLModel for deserialisation.
 
-    return keras.saving.load_model(path, safe_mode=True)
+    return run_folder.load_model(path, safe_mode=True)

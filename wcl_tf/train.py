@@ -1,10 +1,16 @@
 """Command line: absl flags -> Config -> training.run(config).
 
-    python -m wcl_tf.train --flagfile=configs/demo.flags
-    python -m wcl_tf.train --flagfile=configs/cifar10_r18.flags --data_dir=../shared/tfds
+    python -m wcl_tf.train --config=demo
+    python -m wcl_tf.train --config=cifar10_r18 --data_dir=DIR
+    python -m wcl_tf.train --flagfile=my_run.flags --epochs=5
 
-This is the only module that reads flags. Every flag is a field of
-`wcl_tf.config.Config`; flagfiles nest with --flagfile= and later flags override.
+--config=NAME reads the config NAME that ships in the package (wcl_tf/configs/NAME.flags:
+cifar10_r18, cifar10_r18_multicrop, demo, r50, r50_multicrop), from any directory.
+--flagfile=PATH reads a flagfile; a --flagfile= line inside a flagfile is relative to
+that flagfile's folder. Flags after --config or --flagfile override it.
+
+This is the only module that reads flags. Every flag other than --config is a field of
+`wcl_tf.config.Config`.
 """
 
 import dataclasses
@@ -17,6 +23,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 from absl import app, flags, logging  # noqa: E402
 
 from wcl_tf import config as config_lib  # noqa: E402
+from wcl_tf import flagfiles  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -24,7 +31,7 @@ _HELP = {
     "dataset": "'embedded_mnist' (offline, ships with the package), a TFDS name "
                "(cifar10, imagenet2012, ...) or 'folder:/path/to/images' (JPEG/PNG/GIF/BMP; "
                "class subfolders give labels; train/ and test/ subfolders give splits).",
-    "data_dir": "TFDS data directory (e.g. ../shared/tfds).",
+    "data_dir": "TFDS data directory (default: TFDS's own, ~/tensorflow_datasets).",
     "download": "Let TFDS download and prepare the dataset if it is missing.",
     "train_split": "Split used for pretraining (and as kNN memory).",
     "eval_split": "Labelled split for the final kNN evaluation.",
@@ -79,6 +86,9 @@ _HELP = {
     "skip_nonfinite_steps": "Skip up to N steps whose loss or gradients are NaN/Inf "
                             "(never applied either way); 0 stops at the first one, "
                             "keeping the last epoch checkpoint.",
+    "steps_per_execution": "Train steps per device call (Keras); callbacks, logs and the "
+                           "non-finite guard read results once per call (fewer host "
+                           "syncs on GPU/TPU).",
     "verbose": "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.",
 }
 
@@ -112,6 +122,13 @@ def _define_flags():
 
 
 _define_flags()
+# Not a Config field: expand_argv replaces it by the config's lines before absl parses the
+# command line. Defined so that --help lists it; it never holds a value (and so never
+# appears in flags.txt).
+flags.DEFINE_string(
+    "config", None, "A config that ships in the package, by name, read like --flagfile: "
+    f"{', '.join(flagfiles.available_configs())} (wcl_tf/configs/NAME.flags). Later "
+    "flags override it.")
 
 
 def config_from_flags():
@@ -129,12 +146,32 @@ def config_from_flags():
 
 
 def _write_flags(cfg):
-    os.makedirs(cfg.model_dir, exist_ok=True)
-    with open(os.path.join(cfg.model_dir, "flags.txt"), "w") as f:
-        f.write(FLAGS.flags_into_string())
+    from wcl_tf import run_folder  # pylint: disable=import-outside-toplevel
+
+    run_folder.makedirs(cfg.model_dir)  # model_dir may be a URL (gs://...).
+    run_folder.write_text(run_folder.join(cfg.model_dir, run_folder.FLAGS_FILE),
+                          FLAGS.flags_into_string())
+
+
+def expand_argv(argv):
+    """argv with --config=NAME and --flagfile=PATH expanded in place (nested flagfiles
+    relative to the flagfile that names them); see wcl_tf.flagfiles."""
+    return argv[:1] + flagfiles.expand_args(argv[1:])
+
+
+def _parse_flags(argv):
+    try:
+        argv = expand_argv(argv)
+    except flagfiles.FlagfileError as err:
+        print(f"wcl_tf.train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return app.parse_flags_with_usage(argv)
 
 
 def main(argv):
+    if FLAGS["config"].value is not None:
+        raise app.UsageError("--config is read by wcl_tf.train's command line "
+                             "(entry_point); with FLAGS(argv) pass expand_argv(argv).")
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: flags look like --name=value")
     if not FLAGS["verbosity"].present:
@@ -158,7 +195,12 @@ def main(argv):
 
 
 def entry_point():
-    app.run(main)
+    if __name__ != "__main__":
+        # The wcl-train console script: let --help show this module's docstring and flags.
+        sys.modules["__main__"].__doc__ = __doc__
+        for flag in FLAGS.get_key_flags_for_module(__name__):
+            FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,20 @@ untrained encoder -> restore the newest epoch checkpoint, if any -> the dataset,
 at the restored optimizer step -> model.fit with TensorBoard and per-epoch checkpoints ->
 kNN of the trained encoder -> results.json.
 
-What model_dir holds, and how a run resumes:
+What model_dir holds, and how a run resumes (file names, safe writes and reads:
+wcl_tf/run_folder.py; model_dir may be a local folder or a URL such as gs://bucket/run):
 
     config.json               the settings; a run with other settings is refused
     checkpoints/epoch_NNN.keras   model + optimizer (LARS momentum, iteration count) after
-                              epoch NNN (1-based); written to a hidden file and renamed, so
-                              a file with this name is always complete
+                              epoch NNN (1-based); written to a hidden file and renamed,
+                              and only taken when its zip reads whole
     train_state.json          per-epoch logs of every finished epoch (loss, kNN, learning
                               rate, optimizer_steps), kNN of the random encoder, training
                               seconds so far; written just before the checkpoint
     history.csv               the same per-epoch logs, one row per epoch (rewritten, never
                               appended, so a resumed run has no duplicate rows)
     final.keras, results.json the trained model and the summary, written last
+    flags.txt, logs/          the CLI's flags (wcl_tf/train.py), TensorBoard event files
 
 Running the same command again resumes: the newest complete `epoch_NNN.keras` gives the
 weights and the optimizer state, the data pipeline starts at the restored optimizer step
@@ -29,14 +31,10 @@ whose last epoch is checkpointed is finished: running it again returns its resul
 without training (use a new model_dir to train again).
 """
 
-import csv
 import json
 import math
-import os
-import re
-import shutil
+import shutil  # noqa: F401  Reached by run_folder.free_bytes; tests patch shutil.disk_usage.
 import time
-import zipfile
 
 import keras
 import tensorflow as tf
@@ -44,18 +42,23 @@ import tensorflow as tf
 from wcl_tf import callbacks as callbacks_lib
 from wcl_tf import knn
 from wcl_tf import optimizers
+from wcl_tf import run_folder
+from wcl_tf import seeding
 from wcl_tf import strategy as strategy_lib
+from wcl_tf import config as config_lib
 from wcl_tf.config import ConfigError
 from wcl_tf.data import augment, folder, pipeline, sources
 from wcl_tf.models.wcl_model import build_wcl_model
 
-CONFIG_FILE = "config.json"
-STATE_FILE = "train_state.json"
-RESULTS_FILE = "results.json"
-HISTORY_FILE = "history.csv"
-FINAL_CHECKPOINT = "final.keras"
-CHECKPOINT_DIR = "checkpoints"
-_CHECKPOINT_NAME = re.compile(r"^epoch_(\d+)\.keras$")
+# The run folder's names and readers, kept here for callers of this module.
+CONFIG_FILE = run_folder.CONFIG_FILE
+STATE_FILE = run_folder.STATE_FILE
+RESULTS_FILE = run_folder.RESULTS_FILE
+HISTORY_FILE = run_folder.HISTORY_FILE
+FINAL_CHECKPOINT = run_folder.FINAL_CHECKPOINT
+CHECKPOINT_DIR = run_folder.CHECKPOINT_DIR
+checkpoint_path = run_folder.checkpoint_path
+latest_checkpoint = run_folder.latest_checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,138 +68,33 @@ class NonFiniteLossError(RuntimeError):
 def _prepare_model_dir(cfg):
     """Create model_dir, refuse to mix runs with different settings, write config.json."""
     try:
-        os.makedirs(cfg.model_dir, exist_ok=True)
-        probe = os.path.join(cfg.model_dir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as err:
+        run_folder.ensure_writable(cfg.model_dir)
+    except run_folder.file_errors() as err:
         raise ConfigError(
-            f"model_dir {cfg.model_dir!r} is not writable ({err.strerror}): "
+            f"model_dir {cfg.model_dir!r} is not writable ({run_folder.error_text(err)}): "
             "choose another --model_dir.") from None
-    path = os.path.join(cfg.model_dir, CONFIG_FILE)
+    path = run_folder.join(cfg.model_dir, CONFIG_FILE)
     # Through JSON, so that tuples compare equal to the lists read back.
     settings = json.loads(json.dumps(cfg.to_dict()))
     # Only a run that has saved training state binds the folder: a run that stopped
     # before its first checkpoint (say, on a wrong data_dir) may be retried with fixes.
-    if os.path.exists(path) and latest_checkpoint(cfg.model_dir)[1] is not None:
-        with open(path) as f:
-            previous = json.load(f)
-        ignore = {"verbose"}
-        changed = sorted(k for k in settings
-                         if k not in ignore and previous.get(k) != settings[k])
+    previous = run_folder.read_json(path)
+    if previous is not None and latest_checkpoint(cfg.model_dir)[1] is not None:
+        changed = sorted(k for k in config_lib.run_defining_fields()
+                         if previous.get(k) != settings.get(k))
         if changed:
             details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings[k]!r}" for k in changed)
             raise ConfigError(
                 f"model_dir {cfg.model_dir!r} holds a run with other settings ({details}). "
-                "Use a new --model_dir, or the same settings to resume.")
-    _write_json(path, settings, sort_keys=True)
-
-
-def _write_json(path, obj, **kwargs):
-    """Writes JSON atomically: a reader (or a resumed run) never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, **kwargs)
-    os.replace(tmp, path)
-
-
-def _save_model(model, path):
-    """model.save(path) atomically (a hidden .keras file in the same folder, renamed)."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name[:-len('.keras')]}.partial.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def checkpoint_path(model_dir, epoch):
-    """<model_dir>/checkpoints/epoch_NNN.keras: the state after `epoch` (1-based) epochs."""
-    return os.path.join(model_dir, CHECKPOINT_DIR, f"epoch_{epoch:03d}.keras")
-
-
-def _is_complete(path):
-    """A .keras zip whose central directory (written last) can be read."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return "model.weights.h5" in archive.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
-def latest_checkpoint(model_dir):
-    """(epochs done, path) of the newest complete epoch checkpoint; (0, None) if none."""
-    folder = os.path.join(model_dir, CHECKPOINT_DIR)
-    epochs = sorted((int(m.group(1)) for m in map(_CHECKPOINT_NAME.match,
-                                                   os.listdir(folder)) if m),
-                    reverse=True) if os.path.isdir(folder) else []
-    for epoch in epochs:
-        path = checkpoint_path(model_dir, epoch)
-        if _is_complete(path):  # Files from before atomic saving may be cut short.
-            return epoch, path
-    return 0, None
-
-
-def _prune_checkpoints(model_dir, keep):
-    """Deletes all but the newest `keep` epoch checkpoints."""
-    folder = os.path.join(model_dir, CHECKPOINT_DIR)
-    epochs = sorted(int(m.group(1)) for m in map(_CHECKPOINT_NAME.match, os.listdir(folder))
-                    if m)
-    for epoch in epochs[:-keep]:
-        os.remove(checkpoint_path(model_dir, epoch))
-
-
-def _epoch_rows(model_dir, epochs_done):
-    """Logs of epochs 1..epochs_done as saved by a previous process, one dict each."""
-    state = _read_json(os.path.join(model_dir, STATE_FILE)) or {}
-    rows = {r["epoch"]: r for r in state.get("history", []) if r["epoch"] <= epochs_done}
-    if len(rows) < epochs_done:
-        # A model_dir written by Keras' CSVLogger (0-based epochs, appended rows).
-        rows = {**_read_csv_rows(os.path.join(model_dir, HISTORY_FILE), epochs_done), **rows}
-    return [rows[e] for e in sorted(rows)], state
-
-
-def _read_csv_rows(path, epochs_done):
-    if not os.path.exists(path):
-        return {}
-    rows = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                epoch = int(row.pop("epoch")) + 1
-                values = {k: float(v) for k, v in row.items() if v not in ("", "NA", None)}
-            except (KeyError, TypeError, ValueError):
-                continue
-            if epoch <= epochs_done:
-                rows[epoch] = {"epoch": epoch, **values}  # The last copy of a row wins.
-    return rows
-
-
-def _write_history_csv(path, rows):
-    """One row per epoch; columns: epoch, then every key any epoch logged."""
-    keys = sorted({k for row in rows for k in row} - {"epoch"})
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, ["epoch", *keys], restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+                "Use a new --model_dir, or the same settings to resume (settings that "
+                "may change on resume: "
+                f"{', '.join(sorted(set(settings) - set(config_lib.run_defining_fields())))}).")
+    run_folder.write_json(path, settings, sort_keys=True)
 
 
 def finished_results(cfg):
     """results.json of a finished run in cfg.model_dir (all epochs checkpointed), or None."""
-    results = _read_json(os.path.join(cfg.model_dir, RESULTS_FILE))
-    if results is None:
-        return None
-    epochs_done, _ = latest_checkpoint(cfg.model_dir)
-    return results if epochs_done >= cfg.epochs else None
+    return run_folder.finished_results(cfg.model_dir, cfg.epochs)
 
 
 class _LearningRateLogger(keras.callbacks.Callback):
@@ -214,7 +112,7 @@ class _EpochCheckpoint(keras.callbacks.Callback):
     The checkpoint is the commit point: a run resumes from the newest complete one and
     takes the logs of the epochs up to it from train_state.json. An epoch cut short by
     the non-finite guard (or whose loss is not finite) is not saved. Only the newest
-    `keep` epoch checkpoints stay on disk (0: all).
+    `keep` epoch checkpoints stay (0: all), pruned once the new one is complete.
     """
 
     def __init__(self, model_dir, rows, state, write=True, guard=None, keep=0):
@@ -239,11 +137,14 @@ class _EpochCheckpoint(keras.callbacks.Callback):
         self.state.update(history=self.rows, train_seconds=round(self.train_seconds(), 1))
         if not self.write:
             return
-        _write_json(os.path.join(self.model_dir, STATE_FILE), self.state)
-        _save_model(self.model, checkpoint_path(self.model_dir, epoch + 1))
-        _write_history_csv(os.path.join(self.model_dir, HISTORY_FILE), self.rows)
-        if self.keep:
-            _prune_checkpoints(self.model_dir, self.keep)
+        run_folder.write_json(run_folder.join(self.model_dir, STATE_FILE), self.state)
+        path = checkpoint_path(self.model_dir, epoch + 1)
+        run_folder.save_model(self.model, path)
+        run_folder.write_history_csv(self.model_dir, self.rows)
+        # Never delete an older checkpoint before this one reads whole (a rename on an
+        # object store is a copy, then a delete).
+        if self.keep and run_folder.is_complete(path):
+            run_folder.prune_checkpoints(self.model_dir, self.keep)
 
 
 def _knn_arrays(cfg, log):
@@ -275,14 +176,14 @@ def _knn(encoder, arrays, cfg):
 def build(cfg, strategy, steps_per_epoch):
     """WCLModel compiled with LARS + warm-up cosine, inside `strategy.scope()`.
 
-    cfg.precision sets Keras' global dtype policy (the losses stay float32 whatever it
-    is); mixed_float16 adds dynamic loss scaling around LARS.
+    cfg.precision is Keras' dtype policy of the layers built here (the losses stay float32
+    whatever it is); mixed_float16 adds dynamic loss scaling around LARS. The global
+    policy and random seeds are set for the build and restored afterwards.
     """
     replicas = strategy.num_replicas_in_sync
     sync_bn = cfg.sync_bn if cfg.sync_bn is not None else replicas > 1
-    keras.mixed_precision.set_global_policy(cfg.precision)
-    with strategy.scope():
-        keras.utils.set_random_seed(cfg.seed)
+    # Seeds and policy for the build only: a notebook gets its own back afterwards.
+    with seeding.scoped(cfg.seed, cfg.precision), strategy.scope():
         model = build_wcl_model(
             cfg.backbone, head_hidden_dim=cfg.head_hidden_dim,
             head_output_dim=cfg.head_output_dim, sync_bn=sync_bn, width=cfg.width,
@@ -293,7 +194,7 @@ def build(cfg, strategy, steps_per_epoch):
         optimizer = optimizers.build_optimizer(cfg, steps_per_epoch)
         if cfg.precision == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        model.compile(optimizer=optimizer)
+        model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution)
     return model
 
 
@@ -305,7 +206,7 @@ def restore(model, path, strategy):
     with strategy.scope():
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
-        model.load_weights(path)
+        run_folder.load_weights(model, path)
     return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
@@ -350,10 +251,11 @@ def checkpoint_bytes(model):
 
 
 def _check_disk_space(cfg, model):
-    """Room for the kept epoch checkpoints plus final.keras, with a 10% margin."""
+    """Room for the kept epoch checkpoints plus final.keras, with a 10% margin (local
+    model_dir only: a bucket has no free-space figure)."""
     needed = checkpoint_bytes(model) * ((cfg.keep_checkpoints or cfg.epochs) + 1) * 1.1
-    free = shutil.disk_usage(cfg.model_dir).free
-    if free < needed:
+    free = run_folder.free_bytes(cfg.model_dir)
+    if free is not None and free < needed:
         raise ConfigError(
             f"not enough free disk for checkpoints in {cfg.model_dir!r}: {free / 2**20:,.0f} "
             f"MiB free, about {needed / 2**20:,.0f} MiB needed ("
@@ -369,9 +271,12 @@ def _nonfinite_message(cfg, info, model_dir):
             "no epoch had finished, so there is no checkpoint to keep")
     skipped = (f" after skipping {info['skipped_so_far'] - 1} such step(s)"
                if cfg.skip_nonfinite_steps else "")
-    return (f"training stopped: non-finite loss or gradients at optimizer step "
-            f"{info['optimizer_step']} (epoch {info['epoch']}, batch {info['batch']}, "
-            f"learning rate {info['learning_rate']:.4g}){skipped}; that update was not "
+    where = (f"optimizer step {info['optimizer_step']} (epoch {info['epoch']}, batch "
+             f"{info['batch']}, learning rate {info['learning_rate']:.4g})"
+             if info.get("first_step", info["optimizer_step"]) == info["optimizer_step"]
+             else callbacks_lib.describe_step(info) + " (--steps_per_execution > 1)")
+    return (f"training stopped: non-finite loss or gradients at {where}{skipped}; that "
+            f"update was not "
             f"applied and {kept}. Try a lower --base_lr, --precision=float32, or "
             f"--skip_nonfinite_steps=N to step over rare bad batches.")
 
@@ -430,7 +335,7 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
     model = build(cfg, strategy, steps_per_epoch)
     _check_disk_space(cfg, model)
     epochs_done, path = latest_checkpoint(cfg.model_dir)
-    rows, state = _epoch_rows(cfg.model_dir, epochs_done)
+    rows, state = run_folder.read_history(cfg.model_dir, epochs_done)
     random_top1 = state.get("random_encoder_knn_top1")
     if random_top1 is None:  # Before restoring: the weights are the random ones here.
         random_top1 = _knn(model.backbone, arrays, cfg)
@@ -445,16 +350,17 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
             log(f"warning: {path} holds {initial_step} optimizer steps, not "
                 f"{epochs_done} x {steps_per_epoch}; the data pipeline starts at step "
                 f"{initial_step}")
-    dataset, _ = pipeline.distribute_pretrain_dataset(strategy, cfg, initial_step=initial_step)
+    # tf.data ops take TensorFlow's global seed with their own: make it cfg.seed's.
+    with seeding.scoped(cfg.seed):
+        dataset, _ = pipeline.distribute_pretrain_dataset(strategy, cfg,
+                                                          initial_step=initial_step)
 
     is_chief = strategy.extended.should_checkpoint
     state = {"random_encoder_knn_top1": random_top1,
              "train_seconds": state.get("train_seconds", 0.0), "history": rows}
-    ckpt_dir = os.path.join(cfg.model_dir, CHECKPOINT_DIR)
-    os.makedirs(ckpt_dir, exist_ok=True)
-    history_csv = os.path.join(cfg.model_dir, HISTORY_FILE)
-    if is_chief:
-        _write_history_csv(history_csv, rows)  # Drops rows of epochs not checkpointed.
+    run_folder.makedirs(run_folder.join(cfg.model_dir, CHECKPOINT_DIR))
+    if is_chief:  # Drops rows of epochs not checkpointed.
+        run_folder.write_history_csv(cfg.model_dir, rows)
     guard = callbacks_lib.NonFiniteGuard(cfg.skip_nonfinite_steps, log)
     checkpoint = _EpochCheckpoint(cfg.model_dir, rows, state, write=is_chief, guard=guard,
                                   keep=cfg.keep_checkpoints)
@@ -462,7 +368,8 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         _LearningRateLogger(),
         guard,
         checkpoint,
-        keras.callbacks.TensorBoard(os.path.join(cfg.model_dir, "logs"), update_freq="epoch"),
+        keras.callbacks.TensorBoard(run_folder.join(cfg.model_dir, run_folder.LOG_DIR),
+                                    update_freq="epoch"),
         *callbacks,
     ]
     train_seconds = state["train_seconds"]
@@ -474,9 +381,9 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
     if guard.tripped is not None:
         raise NonFiniteLossError(_nonfinite_message(cfg, guard.tripped, cfg.model_dir))
 
-    final_path = os.path.join(cfg.model_dir, FINAL_CHECKPOINT)
+    final_path = run_folder.join(cfg.model_dir, FINAL_CHECKPOINT)
     if is_chief:
-        _save_model(model, final_path)
+        run_folder.save_model(model, final_path)
     knn_history = [[r["epoch"], r["knn_top1"]] for r in rows if "knn_top1" in r]
     final_row = rows[-1] if rows else {}
     top1 = final_row.get("knn_top1")
@@ -500,6 +407,6 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         "checkpoint": final_path,
     }
     if is_chief:
-        _write_json(os.path.join(cfg.model_dir, RESULTS_FILE), results)
+        run_folder.write_json(run_folder.join(cfg.model_dir, RESULTS_FILE), results)
     log(_summary(cfg, results))
     return results

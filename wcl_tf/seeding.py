@@ -1,0 +1,48 @@
+"""Process-wide random state and dtype policy, set for a block and then given back.
+
+`training.build` seeds Python, NumPy, TensorFlow and Keras (so that a run's initial
+weights and its tf.data ops depend only on cfg.seed) and sets Keras' global dtype policy
+(so that layers are built in cfg.precision). A notebook that calls it should not find
+its own seeds and policy changed afterwards: `scoped(seed, policy)` restores them.
+
+Keras keeps its global seed and seed generator in `keras.src.backend.common.global_state`
+(what `keras.utils.set_random_seed` writes); there is no public getter for the generator,
+so that private module is read and restored here. TensorFlow's global seed is read with
+`tensorflow.python.eager.context.global_seed()` for the same reason.
+"""
+
+import contextlib
+import random
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src.backend.common import global_state
+from keras.src.random import seed_generator
+from keras.src.utils import rng_utils
+from tensorflow.python.eager import context
+
+_KERAS_KEYS = (rng_utils.GLOBAL_RANDOM_SEED, seed_generator.GLOBAL_SEED_GENERATOR)
+
+
+@contextlib.contextmanager
+def scoped(seed=None, policy=None):
+    """Within the block: keras.utils.set_random_seed(seed) (when not None) and Keras'
+    global dtype policy `policy` (when not None); afterwards both are as they were."""
+    saved_policy = keras.config.dtype_policy()
+    saved_python, saved_numpy = random.getstate(), np.random.get_state()
+    saved_tf = context.global_seed()
+    saved_keras = {key: global_state.get_global_attribute(key) for key in _KERAS_KEYS}
+    try:
+        if policy is not None:
+            keras.config.set_dtype_policy(policy)
+        if seed is not None:
+            keras.utils.set_random_seed(seed)
+        yield
+    finally:
+        keras.config.set_dtype_policy(saved_policy)
+        random.setstate(saved_python)
+        np.random.set_state(saved_numpy)
+        tf.random.set_seed(saved_tf)
+        for key, value in saved_keras.items():
+            global_state.set_global_attribute(key, value)

@@ -1,0 +1,26 @@
+"""Runs a tool's absl main the same way from every entry point."""
+
+import sys
+
+from absl import app, flags
+
+TOOLS_PACKAGE = "wcl_tf.tools."
+
+
+def run(main, module_name):
+    """app.run(main), with --help showing the tool's docstring and flags.
+
+    absl's --help shows the docstring and the flags of the program's __main__ module. Run as
+    `python -m wcl_tf.tools.NAME` that is the tool itself; run through tools/NAME.py or a
+    console script it is a few-line launcher, so the tool's docstring and the flags defined
+    by wcl_tf.tools modules are handed to it.
+    """
+    module = sys.modules[module_name]
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and main_module is not module:
+        main_module.__doc__ = module.__doc__
+    for name, module_flags in flags.FLAGS.flags_by_module_dict().items():
+        if name.startswith(TOOLS_PACKAGE):
+            for flag in module_flags:
+                flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    app.run(main)

@@ -1,0 +1,524 @@
+"""Speed and memory of wcl_tf: train step, weak-label step, input pipeline.
+
+    python -m wcl_tf.tools.benchmark step --backbone=resnet18_cifar --batch_sizes=32,128
+    python -m wcl_tf.tools.benchmark weak_labels --sizes=256,1024,4096,16384
+    python -m wcl_tf.tools.benchmark pipeline --image_size=32 --batch_size=256
+    python -m wcl_tf.tools.benchmark pipeline --num_local_crops=4 --local_crop_size=16
+    python -m wcl_tf.tools.benchmark profile --backbone=resnet50 --batch_sizes=32 --image_size=224
+    python -m wcl_tf.tools.benchmark ratio --configs=demo,cifar10_r18   # or flagfile paths
+    python -m wcl_tf.tools.benchmark ops --image_size=224 --batch_size=32
+
+Each prints a markdown table and, with --out=FILE.json, writes the numbers. Timings are
+the median of --repeats timed steps after --warmup untimed ones, on whatever machine runs
+it (the header says which). Peak memory is the process's peak resident set size on CPU
+(it includes TensorFlow itself) and the allocator's peak on a GPU.
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+from wcl_tf.tools import _cli  # noqa: E402
+
+flags.DEFINE_string("backbone", "small_cnn", "step: backbone.")
+flags.DEFINE_integer("width", 32, "step: small_cnn width.")
+flags.DEFINE_list("batch_sizes", ["32"], "step: global batch sizes.")
+flags.DEFINE_integer("image_size", 32, "step / pipeline: image side in pixels.")
+flags.DEFINE_integer("head_hidden_dim", 2048, "step: head hidden width.")
+flags.DEFINE_integer("head_output_dim", 128, "step: head output size.")
+flags.DEFINE_integer("num_local_crops", 0, "step / pipeline: M local crops.")
+flags.DEFINE_integer("local_crop_size", 16, "step / pipeline: local crop side.")
+flags.DEFINE_integer("knn_crops", 0, "step: K kept crops (defaults to M when M > 0).")
+flags.DEFINE_string("precision", "float32", "step: float32, mixed_bfloat16, mixed_float16.")
+flags.DEFINE_bool("jit_compile", False, "step / profile: compile the train step with XLA.")
+flags.DEFINE_list("sizes", ["256", "1024", "4096", "16384"], "weak_labels: batch sizes n.")
+flags.DEFINE_integer("dim", 128, "weak_labels: embedding size.")
+flags.DEFINE_string("dataset", "cifar10", "pipeline: dataset.")
+flags.DEFINE_string("data_dir", "../shared/tfds", "pipeline: TFDS folder.")
+flags.DEFINE_integer("batch_size", 256, "pipeline: batch size.")
+flags.DEFINE_string("augment", "project", "pipeline: 'project' (wcl_tf.data) or "
+                    "'keras_cv' (an all-keras-cv two-view recipe, for comparison).")
+flags.DEFINE_bool("blur", False, "pipeline: Gaussian blur in the views (the 224-px recipe).")
+flags.DEFINE_list("configs", ["demo", "cifar10_r18", "cifar10_r18_multicrop", "r50",
+                              "r50_multicrop"],
+                  "ratio: train configs, by name (the shipped ones, as --config=NAME) or as "
+                  "flagfile paths.")
+flags.DEFINE_integer("max_step_batch", 128, "ratio: time the step and pipeline at "
+                     "min(global batch, this) images.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps first.")
+flags.DEFINE_integer("repeats", 5, "Timed steps.")
+flags.DEFINE_string("out", "", "Write the results as JSON here.")
+FLAGS = flags.FLAGS
+
+
+def _machine():
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    device = (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+              if gpus else f"CPU only, {os.cpu_count()} cores")
+    return f"{platform.processor() or platform.machine()}, {device}, TensorFlow {tf.__version__}"
+
+
+def _peak_memory_mb():
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _timed(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def _step_setup(batch, backbone=None, width=None, image_size=None, head_hidden_dim=None,
+                head_output_dim=None, num_local_crops=None, local_crop_size=None,
+                knn_crops=None):
+    """(model, train_function, iterator) of one WCL train step on a fixed random batch.
+
+    Settings left None come from the command-line flags."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from wcl_tf import optimizers
+    from wcl_tf.config import Config
+    from wcl_tf.models.wcl_model import build_wcl_model
+
+    def pick(value, flag):
+        return FLAGS[flag].value if value is None else value
+
+    backbone, width = pick(backbone, "backbone"), pick(width, "width")
+    s = pick(image_size, "image_size")
+    m, ls = pick(num_local_crops, "num_local_crops"), pick(local_crop_size, "local_crop_size")
+    k = pick(knn_crops, "knn_crops") or m
+    keras.utils.set_random_seed(0)
+    model = build_wcl_model(backbone, pick(head_hidden_dim, "head_hidden_dim"),
+                            pick(head_output_dim, "head_output_dim"), width=width,
+                            image_size=s, knn_crops=k)
+    cfg = Config(global_batch_size=batch, epochs=10, warmup_epochs=1)
+    opt = optimizers.build_optimizer(cfg, 100)
+    if FLAGS.precision == "mixed_float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    model.compile(optimizer=opt, jit_compile=FLAGS.jit_compile)
+    rng = np.random.default_rng(0)
+    data = {v: tf.constant(rng.uniform(size=(batch, s, s, 3)), tf.float32)
+            for v in ("view_1", "view_2")}
+    if m:
+        data["local"] = tf.constant(rng.uniform(size=(batch, m, ls, ls, 3)), tf.float32)
+    model.make_train_function()
+    return model, model.train_function, iter(tf.data.Dataset.from_tensors(data).repeat())
+
+
+def bench_step():
+    import keras
+
+    if FLAGS.precision != "float32":
+        keras.mixed_precision.set_global_policy(FLAGS.precision)
+    rows = []
+    for batch in map(int, FLAGS.batch_sizes):
+        _, step, iterator = _step_setup(batch)
+
+        def one():
+            logs = step(iterator)
+            float(logs["loss"])  # wait for the step to finish
+
+        median, times = _timed(one, FLAGS.warmup, FLAGS.repeats)
+        rows.append({
+            "backbone": FLAGS.backbone, "image_size": FLAGS.image_size, "batch": batch,
+            "local_crops": FLAGS.num_local_crops, "precision": FLAGS.precision,
+            "jit_compile": FLAGS.jit_compile,
+            "step_s": round(median, 4), "pairs_per_s": round(batch / median, 2),
+            "step_s_all": [round(t, 4) for t in times],
+            "peak_memory_mb": round(_peak_memory_mb(), 1),
+        })
+        print(f"  {rows[-1]}", flush=True)
+    header = ("| backbone | px | batch | local crops | precision | XLA | step (s) | image pairs/s "
+              "| peak memory (MB) |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [f"| {r['backbone']} | {r['image_size']} | {r['batch']} | {r['local_crops']} | "
+             f"{r['precision']} | {'yes' if r['jit_compile'] else 'no'} | {r['step_s']:.3f} | "
+             f"{r['pairs_per_s']:.2f} | {r['peak_memory_mb']:.0f} |" for r in rows]
+    return rows, "\n".join([header] + lines)
+
+
+def _op_part(name):
+    """Which part of the step a TF op (its full name) belongs to."""
+    lowered = name.lower()
+    if "lars" in lowered or "optimizer" in lowered or "assignvariableop" in lowered:
+        return "optimizer"
+    direction = "backward" if "gradient_tape" in lowered else "forward"
+    for part in ("backbone", "instance_head", "graph_head"):
+        if part in lowered:
+            return f"{part} {direction}"
+    if "weak_label" in lowered or "while" in lowered:
+        return "weak labels"
+    return f"losses and the rest {direction}"
+
+
+def _op_kind(op_type, name):
+    """Coarse op family: convolutions, batch norm, matmul, elementwise/other."""
+    if "Conv2D" in op_type:  # oneDNN kernels are named _MklNativeConv2D...
+        return op_type.replace("_MklNative", "").replace("_Mkl", "")
+    if "_bn" in name or "batch_norm" in name.lower() or "FusedBatchNorm" in op_type:
+        return "BatchNorm (" + ("backward" if "gradient_tape" in name else "forward") + ")"
+    if op_type in ("MatMul", "BatchMatMulV2", "_MklMatMul", "_FusedMatMul"):
+        return "MatMul"
+    return "other: " + op_type.replace("_MklNative", "").replace("_Mkl", "")
+
+
+def bench_profile():
+    """Where a train step spends its time: TF profiler trace of --repeats steps, op
+    durations summed by part of the model and by op family (ops on the two executor
+    threads overlap, so shares, not seconds, are the result)."""
+    import collections
+    import glob
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    batch = int(FLAGS.batch_sizes[0])
+    _, step, iterator = _step_setup(batch)
+    for _ in range(max(1, FLAGS.warmup)):
+        float(step(iterator)["loss"])
+    logdir = tempfile.mkdtemp(prefix="wcl_profile_")
+    tf.profiler.experimental.start(logdir)
+    start = time.perf_counter()
+    for _ in range(FLAGS.repeats):
+        float(step(iterator)["loss"])
+    wall = (time.perf_counter() - start) / FLAGS.repeats
+    tf.profiler.experimental.stop()
+    space = xplane_pb2.XSpace()
+    with open(sorted(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True))[-1], "rb") as f:
+        space.ParseFromString(f.read())
+    by_part, by_kind = collections.Counter(), collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                meta = plane.event_metadata[event.metadata_id]
+                if ":" not in meta.name or "::" in meta.name:  # executor bookkeeping
+                    continue
+                name, op_type = meta.name.rsplit(":", 1)
+                by_part[_op_part(name)] += event.duration_ps
+                by_kind[_op_kind(op_type, name)] += event.duration_ps
+    total = sum(by_part.values())
+    rows = {"backbone": FLAGS.backbone, "batch": batch, "image_size": FLAGS.image_size,
+            "step_s": round(wall, 3),
+            "by_part": {k: round(v / total, 4) for k, v in by_part.most_common()},
+            "by_op": {k: round(v / total, 4) for k, v in by_kind.most_common()}}
+    lines = [f"Step {wall:.3f} s (mean of {FLAGS.repeats} traced steps; tracing adds "
+             "overhead).", "", "| part of the step | share of op time |", "|---|---|"]
+    lines += [f"| {k} | {100 * v:.1f}% |" for k, v in rows["by_part"].items()]
+    lines += ["", "| op family | share of op time |", "|---|---|"]
+    lines += [f"| {k} | {100 * v:.1f}% |" for k, v in list(rows["by_op"].items())[:15]]
+    return [rows], "\n".join(lines)
+
+
+def bench_weak_labels():
+    import numpy as np
+    import tensorflow as tf
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from wcl_tf import weak_labels
+
+    rows = []
+    for n in map(int, FLAGS.sizes):
+        rng = np.random.default_rng(0)
+        v = tf.math.l2_normalize(tf.constant(rng.normal(size=(n, FLAGS.dim)), tf.float32), 1)
+        in_graph = tf.function(weak_labels.weak_labels)  # XLA-compiled inside
+        # XLA too, so that the host paths below get the fastest 1-NN there is.
+        nn_only = tf.function(weak_labels.nearest_neighbours, jit_compile=True)
+
+        def tf_path():
+            in_graph(v).numpy()
+
+        def host_components():
+            nn = nn_only(v).numpy()  # 1-NN on the device, then copy and scipy
+            graph = coo_matrix((np.ones(n), (np.arange(n), nn)), shape=(n, n))
+            connected_components(graph, directed=False)
+
+        def host_all():
+            x = v.numpy()  # device-to-host copy of the embeddings
+            sim = x @ x.T
+            np.fill_diagonal(sim, -np.inf)
+            nn = sim.argmax(1)
+            graph = coo_matrix((np.ones(n), (np.arange(n), nn)), shape=(n, n))
+            connected_components(graph, directed=False)
+
+        repeats = max(3, FLAGS.repeats if n <= 4096 else 3)
+        t_tf, _ = _timed(tf_path, 1, repeats)
+        t_nn, _ = _timed(lambda: nn_only(v).numpy(), 1, repeats)
+        t_hc, _ = _timed(host_components, 1, repeats)
+        t_ha, _ = _timed(host_all, 1, repeats)
+        rows.append({"n": n, "tf_weak_labels_ms": round(1e3 * t_tf, 2),
+                     "tf_1nn_only_ms": round(1e3 * t_nn, 2),
+                     "components_share_of_tf_path": round(1 - t_nn / t_tf, 3),
+                     "tf_1nn_then_scipy_ms": round(1e3 * t_hc, 2),
+                     "numpy_scipy_host_ms": round(1e3 * t_ha, 2)})
+        print(f"  {rows[-1]}", flush=True)
+    header = ("| n | wcl_tf weak_labels, in graph (ms) | of which 1-NN (ms) | TF 1-NN + copy + "
+              "scipy components (ms) | copy + NumPy 1-NN + scipy (ms) |\n|---|---|---|---|---|")
+    lines = [f"| {r['n']} | {r['tf_weak_labels_ms']:.2f} | {r['tf_1nn_only_ms']:.2f} | "
+             f"{r['tf_1nn_then_scipy_ms']:.2f} | {r['numpy_scipy_host_ms']:.2f} |" for r in rows]
+    return rows, "\n".join([header] + lines)
+
+
+def _keras_cv_two_views(image_size, blur=False):
+    """An all-keras-cv SimCLR-like view (for the comparison row only)."""
+    import keras
+    import keras_cv
+    import tensorflow as tf
+
+    from wcl_tf.data import augment
+
+    def make():
+        return keras.Sequential([
+            keras_cv.layers.RandomCropAndResize((image_size, image_size), (0.08, 1.0),
+                                                (3 / 4, 4 / 3)),
+            keras_cv.layers.RandomApply(keras_cv.layers.RandomColorJitter(
+                (0, 1), 0.8, 0.8, (0.1, 0.9), 0.2), rate=0.8),
+            keras_cv.layers.RandomApply(keras_cv.layers.Grayscale(output_channels=3), rate=0.2),
+            *([keras_cv.layers.RandomApply(keras_cv.layers.RandomGaussianBlur(
+                augment.blur_kernel_size(image_size), (0.1, 2.0)), rate=0.5)] if blur else []),
+            keras.layers.RandomFlip("horizontal"),
+        ])
+
+    first, second = make(), make()
+
+    def views(images):
+        x = tf.cast(images, tf.float32) / 255.0
+        return {"view_1": first(x), "view_2": second(x)}
+
+    return views
+
+
+def bench_ops():
+    """Each augmentation op, wcl_tf's plain-TF version against the keras-cv / Keras layer,
+    on one batch of --batch_size images of --image_size px (graph mode, images/s)."""
+    import keras
+    import keras_cv
+    import numpy as np
+    import tensorflow as tf
+
+    from wcl_tf.data import augment
+
+    size, batch = FLAGS.image_size, FLAGS.batch_size
+    images = tf.constant(np.random.default_rng(0).uniform(size=(batch, size, size, 3)),
+                         tf.float32)
+    seed = tf.constant([1, 2], tf.int64)
+    kernel = augment.blur_kernel_size(size)
+    sigma = tf.random.stateless_uniform([batch], [3, 4], 0.1, 2.0)
+    spec = augment.STRONG
+    ours = {
+        "random resized crop": lambda x: augment.random_resized_crop(
+            x, size, spec.crop_scale, spec.crop_ratio, seed),
+        "colour jitter (all images)": lambda x: augment.color_jitter(
+            x, spec.brightness, spec.contrast, spec.saturation, spec.hue, seed),
+        "grayscale": lambda x: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 1, 3]),
+        "Gaussian blur (all images)": lambda x: augment.gaussian_blur(x, kernel, sigma),
+        "horizontal flip": lambda x: augment._apply_with_prob(
+            0.5, seed, tf.reverse(x, axis=[2]), x),
+    }
+    layers = {
+        "random resized crop": keras_cv.layers.RandomCropAndResize(
+            (size, size), spec.crop_scale, spec.crop_ratio),
+        "colour jitter (all images)": keras_cv.layers.RandomColorJitter(
+            (0, 1), 0.8, 0.8, (0.1, 0.9), 0.2),
+        "grayscale": keras_cv.layers.Grayscale(output_channels=3),
+        "Gaussian blur (all images)": keras_cv.layers.RandomGaussianBlur(kernel, (0.1, 2.0)),
+        "horizontal flip": keras.layers.RandomFlip("horizontal"),
+    }
+    rows = []
+    for name, fn in ours.items():
+        layer = layers[name]
+        rates = {}
+        for who, op in (("wcl_tf", tf.function(fn)),
+                        ("keras-cv / Keras", tf.function(lambda x, l=layer: l(x, training=True)))):
+            median, _ = _timed(lambda op=op: op(images).numpy(), FLAGS.warmup, FLAGS.repeats)
+            rates[who] = batch / median
+        rows.append({"op": name, "image_size": size, "batch": batch,
+                     "wcl_tf_images_per_s": round(rates["wcl_tf"], 1),
+                     "keras_cv_images_per_s": round(rates["keras-cv / Keras"], 1),
+                     "layer": type(layer).__module__.split(".")[0] + "." + type(layer).__name__})
+        print(f"  {rows[-1]}", flush=True)
+    header = (f"| op ({size} px, batch {batch}) | wcl_tf, plain TF (images/s) | layer | layer "
+              "(images/s) |\n|---|---|---|---|")
+    lines = [f"| {r['op']} | {r['wcl_tf_images_per_s']:.0f} | {r['layer']} | "
+             f"{r['keras_cv_images_per_s']:.0f} |" for r in rows]
+    return rows, "\n".join([header] + lines)
+
+
+def bench_pipeline():
+    import tensorflow as tf
+
+    from wcl_tf.config import Config
+    from wcl_tf.data import pipeline, sources
+
+    cfg = Config(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
+                 global_batch_size=FLAGS.batch_size, num_local_crops=FLAGS.num_local_crops,
+                 local_crop_size=FLAGS.local_crop_size, weak_aug_epochs=0, blur=FLAGS.blur)
+    if FLAGS.augment == "project":
+        ds = pipeline.make_pretrain_dataset(cfg, FLAGS.batch_size)
+    else:
+        raw, _, _ = sources.load_split(cfg.dataset, cfg.train_split, cfg.data_dir)
+        ds = (raw.map(lambda x, y: pipeline._resize_uint8(x, cfg.image_size)).cache().repeat()
+              .batch(FLAGS.batch_size, drop_remainder=True)
+              .map(_keras_cv_two_views(cfg.image_size, cfg.blur),
+                   num_parallel_calls=tf.data.AUTOTUNE)
+              .prefetch(tf.data.AUTOTUNE))
+    iterator = iter(ds)
+    batches = 10
+    for _ in range(3 + FLAGS.warmup):
+        next(iterator)
+    rates = []
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        rates.append(batches * FLAGS.batch_size / (time.perf_counter() - start))
+    rate = statistics.median(rates)
+    row = {"augment": FLAGS.augment, "image_size": FLAGS.image_size, "blur": FLAGS.blur,
+           "local_crops": FLAGS.num_local_crops, "local_crop_size": FLAGS.local_crop_size,
+           "batch": FLAGS.batch_size, "images_per_s": round(rate, 1),
+           "images_per_s_per_core": round(rate / os.cpu_count(), 1)}
+    print(f"  {row}", flush=True)
+    header = ("| augmentation | px | blur | local crops | images/s (each with all its views) | "
+              "per core |\n|---|---|---|---|---|---|")
+    line = (f"| {row['augment']} | {row['image_size']} | {'yes' if row['blur'] else 'no'} | "
+            f"{row['local_crops']}"
+            f"{'x' + str(row['local_crop_size']) if row['local_crops'] else ''} | "
+            f"{row['images_per_s']:.0f} | {row['images_per_s_per_core']:.0f} |")
+    return [row], header + "\n" + line
+
+
+def _config_from_flagfile(path):
+    """A Config from a shipped config's name or a train flagfile's path (nested --flagfile=
+    lines followed as wcl_tf.train follows them: relative to the flagfile naming them)."""
+    import dataclasses
+
+    from wcl_tf import flagfiles
+    from wcl_tf.config import Config
+
+    fields = {f.name: f.default for f in dataclasses.fields(Config)}
+    values = {}
+    is_name = path in flagfiles.available_configs() and not path.endswith(".flags")
+    for arg in flagfiles.expand_args([f"--config={path}" if is_name else f"--flagfile={path}"]):
+        if arg.startswith("--"):
+            name, _, value = arg[2:].partition("=")
+            if name in fields:
+                values[name] = value
+    parsed = {}
+    for name, value in values.items():
+        default = fields[name]
+        if isinstance(default, bool) or name == "sync_bn":
+            parsed[name] = value.lower() in ("true", "1", "yes")
+        elif isinstance(default, tuple):
+            parsed[name] = tuple(float(x) for x in value.split(","))
+        elif isinstance(default, int):
+            parsed[name] = int(value)
+        elif isinstance(default, float) or name == "base_lr":
+            parsed[name] = float(value)
+        else:
+            parsed[name] = value
+    return Config(**parsed)
+
+
+def bench_ratio():
+    """For each shipped config: input-pipeline images/s against the images/s its train step
+    consumes on this machine, and their ratio (goal: >= 2)."""
+    import keras
+
+    from wcl_tf.data import pipeline, sources
+
+    rows = []
+    for path in FLAGS.configs:
+        cfg = _config_from_flagfile(path)
+        batch = min(cfg.global_batch_size, FLAGS.max_step_batch)
+        # A config without data_dir (the shipped ones) reads --data_dir.
+        dataset, data_dir, stand_in = cfg.dataset, cfg.data_dir or FLAGS.data_dir, ""
+        try:
+            sources.load_split(dataset, cfg.train_split, data_dir)
+        except sources.DataError:
+            dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
+            stand_in = f"{dataset} at {cfg.image_size} px (stand-in)"
+        # Strong augmentation (the costlier recipe) from the first batch.
+        data_cfg = cfg.replace(dataset=dataset, data_dir=data_dir, global_batch_size=batch,
+                               weak_aug_epochs=0, max_train_examples=0)
+        iterator = iter(pipeline.make_pretrain_dataset(data_cfg, batch))
+        for _ in range(3):
+            next(iterator)
+        batches = max(2, 2048 // batch // (1 if cfg.image_size <= 64 else 8))
+        rates = []
+        for _ in range(FLAGS.repeats):
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(iterator)
+            rates.append(batches * batch / (time.perf_counter() - start))
+        del iterator
+        pipeline_rate = statistics.median(rates)
+        _, step, step_iterator = _step_setup(
+            batch, cfg.backbone, cfg.width, cfg.image_size, cfg.head_hidden_dim,
+            cfg.head_output_dim, cfg.num_local_crops, cfg.local_crop_size, cfg.knn_crops)
+        median, _ = _timed(lambda: float(step(step_iterator)["loss"]), FLAGS.warmup,
+                           FLAGS.repeats)
+        step_rate = batch / median
+        rows.append({"config": path, "dataset": stand_in or cfg.dataset, "batch": batch,
+                     "image_size": cfg.image_size, "blur": cfg.blur,
+                     "local_crops": cfg.num_local_crops,
+                     "pipeline_images_per_s": round(pipeline_rate, 1),
+                     "pipeline_images_per_s_per_core": round(pipeline_rate / os.cpu_count(), 1),
+                     "step_s": round(median, 4), "step_images_per_s": round(step_rate, 2),
+                     "ratio": round(pipeline_rate / step_rate, 1)})
+        print(f"  {rows[-1]}", flush=True)
+        keras.backend.clear_session()
+    header = ("| config | data | batch timed | pipeline images/s (per core) | step images/s | "
+              "pipeline / step |\n|---|---|---|---|---|---|")
+    lines = [f"| {r['config']} | {r['dataset']} | {r['batch']} | "
+             f"{r['pipeline_images_per_s']:.0f} ({r['pipeline_images_per_s_per_core']:.0f}) | "
+             f"{r['step_images_per_s']:.1f} | **{r['ratio']:.1f}x** |" for r in rows]
+    return rows, "\n".join([header] + lines)
+
+
+def _main(argv):
+    modes = {"step": bench_step, "weak_labels": bench_weak_labels,
+             "pipeline": bench_pipeline, "profile": bench_profile, "ratio": bench_ratio,
+             "ops": bench_ops}
+    if len(argv) != 2 or argv[1] not in modes:
+        raise app.UsageError(f"usage: benchmark.py {'|'.join(modes)} [--flags]")
+    logging.set_verbosity(logging.WARNING)
+    rows, table = modes[argv[1]]()
+    print(f"\nMachine: {_machine()}\nCommand: python -m wcl_tf.tools.benchmark "
+          f"{' '.join(sys.argv[1:])}\n\n{table}")
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        with open(FLAGS.out, "w") as f:
+            json.dump({"machine": _machine(), "argv": sys.argv[1:], "rows": rows}, f, indent=2)
+
+
+
+def main():
+    """Entry point of the module, of tools/benchmark.py and of the console script."""
+    _cli.run(_main, __name__)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Weighted kNN evaluation of a trained WCL encoder.
+
+    python -m wcl_tf.tools.knn_eval --model_dir=runs/demo     # or: python tools/knn_eval.py
+    python -m wcl_tf.tools.knn_eval --model_dir=runs/c10 --data_dir=DIR --k=200 \
+        --temperature=0.1 --max_examples=5000
+
+Memory: the train split, queries: the eval split, both through the backbone in inference
+mode, L2-normalised; the k nearest memory features vote with weight exp(sim / temperature)
+(wcl_tf/knn.py). Dataset, data_dir, image_size and the splits default to the values in
+<model_dir>/config.json (written by training). Prints the settings and the top-1, and writes
+them to <model_dir>/knn_eval.json (--random_init: knn_eval_random_init.json).
+"""
+
+import time
+
+from absl import flags
+
+from wcl_tf.tools import _cli, run_dir
+
+FLAGS = flags.FLAGS
+
+
+def define_knn_flags():
+    run_dir.define_run_flags()
+    flags.DEFINE_integer("k", 200, "Neighbours that vote.", lower_bound=1)
+    flags.DEFINE_float("temperature", 0.1, "Temperature T of the vote weight exp(sim / T).",
+                       lower_bound=1e-6)
+
+
+def knn_main():
+    run = run_dir.resolve_run(need_checkpoint=not FLAGS.random_init)
+    # Imported after the cheap checks, so that a wrong path fails at once.
+    from wcl_tf import knn  # pylint: disable=import-outside-toplevel
+
+    encoder = run_dir.load_encoder(run)
+    (x_train, y_train), (x_test, y_test), num_classes = run_dir.load_data(run, run_dir.log)
+    run_dir.log(f"kNN: encoder {run_dir.encoder_name(run)}, k={FLAGS.k}, "
+                f"T={FLAGS.temperature}, memory {run['dataset']}:{run['train_split']} "
+                f"({len(y_train)}), queries {run['dataset']}:{run['eval_split']} "
+                f"({len(y_test)}), {num_classes} classes")
+    start = time.time()
+    top1 = knn.evaluate_encoder(encoder, x_train, y_train, x_test, y_test, num_classes,
+                                k=FLAGS.k, temperature=FLAGS.temperature,
+                                batch_size=run["batch_size"])
+    seconds = time.time() - start
+    payload = {
+        "knn_top1": top1,
+        "k": FLAGS.k,
+        "temperature": FLAGS.temperature,
+        "encoder": run_dir.encoder_name(run),
+        **run_dir.run_record(run),
+        "num_train": int(len(y_train)),
+        "num_test": int(len(y_test)),
+        "num_classes": int(num_classes),
+        "seconds": round(seconds, 1),
+    }
+    path = run_dir.output_path(run, "knn_eval_random_init.json" if run["random_init"]
+                               else "knn_eval.json")
+    run_dir.write_json(path, payload)
+    run_dir.log(f"kNN top-1 (k={FLAGS.k}, T={FLAGS.temperature}) on {run['dataset']}:"
+                f"{run['eval_split']}: {100 * top1:.2f}%  [{run_dir.encoder_name(run)}; "
+                f"{len(y_train)} memory / {len(y_test)} queries at {run['image_size']} px; "
+                f"{seconds:.1f} s] -> {path}")
+    return 0
+
+
+define_knn_flags()
+
+
+def main():
+    """Entry point of the module, of tools/knn_eval.py and of the console script."""
+    _cli.run(run_dir.main_wrapper(knn_main), __name__)
+
+
+if __name__ == "__main__":
+    main()
