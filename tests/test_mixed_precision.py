@@ -36,16 +36,28 @@ def test_mixed_precision_loss_matches_float32(policy, name):
 
 
 def test_mixed_float16_step_with_loss_scaling(policy):
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    model = _model()
-    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)))
+    """One loss-scaled fp16 step moves the weights like the float32 step: same direction,
+    same size (a missing or doubled unscale would be off by the scale, 2**10 here)."""
     rng = np.random.default_rng(1)
     batch = {k: rng.uniform(size=(N, S, S, 3)).astype(np.float32) for k in ("view_1", "view_2")}
-    before = [w.copy() for w in model.get_weights()]
-    history = model.fit(tf.data.Dataset.from_tensor_slices(batch).batch(N), epochs=1,
-                        verbose=0).history
+    data = tf.data.Dataset.from_tensor_slices(batch).batch(N)
+    reference = _model()
+    start = [w.copy() for w in reference.get_weights()]
+    reference.compile(optimizer=keras.optimizers.SGD(0.1))
+    reference.fit(data, epochs=1, verbose=0)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = _model()
+    model.set_weights(start)
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1), initial_scale=1024.0))
+    history = model.fit(data, epochs=1, verbose=0).history
     assert np.isfinite(history["loss"][0])
-    assert max(np.abs(a - b).max() for a, b in zip(before, model.get_weights())) > 0
+    assert float(model.optimizer.dynamic_scale.numpy()) == 1024.0  # no overflow here
+    want = np.concatenate([(b - a).ravel() for a, b in zip(start, reference.get_weights())])
+    got = np.concatenate([(b - a).ravel() for a, b in zip(start, model.get_weights())])
+    cosine = got @ want / (np.linalg.norm(got) * np.linalg.norm(want))
+    assert cosine > 0.95, cosine
+    assert 0.8 < np.linalg.norm(got) / np.linalg.norm(want) < 1.25
 
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
