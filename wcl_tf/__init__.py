@@ -1,3 +1,53 @@
-"""wcl_tf: Weakly Supervised Contrastive Learning (Zheng et al., ICCV 2021) in Keras 3."""
+"""wcl_tf: Weakly Supervised Contrastive Learning (Zheng et al., ICCV 2021) in Keras 3.
+
+The notebook API, in four names (imported lazily: `import wcl_tf` does not start
+TensorFlow):
+
+    import wcl_tf
+    cfg = wcl_tf.Config(dataset="embedded_mnist", image_size=28, backbone="small_cnn",
+                        epochs=5)
+    model = wcl_tf.build_model(cfg)               # compiled: LARS + warm-up cosine
+    dataset = wcl_tf.pretrain_dataset(cfg)        # endless, per replica, views in tf.data
+    model.fit(dataset, epochs=cfg.epochs)         # steps_per_epoch comes from the model
+
+`wcl_tf.run(cfg)` does all of it with checkpoints, resume, TensorBoard and kNN.
+"""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "Config":
+        from wcl_tf.config import Config
+        return Config
+    if name == "run":
+        from wcl_tf.training import run
+        return run
+    raise AttributeError(f"module 'wcl_tf' has no attribute {name!r}")
+
+
+def _strategy(strategy):
+    import tensorflow as tf
+
+    return strategy if strategy is not None else tf.distribute.get_strategy()
+
+
+def build_model(cfg, strategy=None):
+    """A compiled WCLModel for `cfg` (validated) inside `strategy` (default: the current
+    one). Its optimizer's schedule and `model.steps_per_epoch` are cfg's epoch length, so
+    `model.fit(pretrain_dataset(cfg), epochs=N)` needs no steps_per_epoch."""
+    from wcl_tf import training
+
+    cfg.validate()
+    return training.build(cfg, _strategy(strategy), training.steps_per_epoch(cfg))
+
+
+def pretrain_dataset(cfg, strategy=None, initial_step=0):
+    """The endless distributed dataset of views for `cfg` (default strategy: the current
+    one). initial_step: the optimizer step to start from (a resumed model's
+    `optimizer.iterations`), so that augmentation phase and data order continue."""
+    from wcl_tf.data import pipeline
+
+    dataset, _ = pipeline.distribute_pretrain_dataset(_strategy(strategy), cfg,
+                                                      initial_step=initial_step)
+    return dataset

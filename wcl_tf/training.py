@@ -195,6 +195,8 @@ def build(cfg, strategy, steps_per_epoch):
         if cfg.precision == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution)
+    # The schedule's epoch length: model.fit uses it unless told otherwise.
+    model.steps_per_epoch = steps_per_epoch
     return model
 
 
@@ -228,7 +230,9 @@ def _monitors(cfg, arrays):
     ]
 
 
-def _steps_per_epoch(cfg):
+def steps_per_epoch(cfg):
+    """Optimizer steps per epoch of cfg's training split (cfg.steps_per_epoch if set):
+    what the LR schedule, the weak-to-strong switch and fit() must all agree on."""
     _, num_examples, _ = sources.load_split(cfg.dataset, cfg.train_split, cfg.data_dir,
                                             cfg.download, cfg.max_train_examples, cfg.seed,
                                             on_bad_image=cfg.on_bad_image)
@@ -322,17 +326,17 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
     strategy = strategy_lib.build_strategy(cfg.strategy, cfg.tpu)
     replicas = strategy.num_replicas_in_sync
     _check_replicas(cfg, replicas)
-    steps_per_epoch = _steps_per_epoch(cfg)
+    steps = steps_per_epoch(cfg)
     if folder.is_folder_dataset(cfg.dataset):
         log(folder.scan_folder(cfg.dataset, cfg.train_split, cfg.on_bad_image).report())
     arrays = _knn_arrays(cfg, log)
     log(f"wcl_tf: {cfg.backbone} on {cfg.dataset} ({cfg.image_size} px), "
         f"{replicas} replica(s), global batch {cfg.global_batch_size}, "
-        f"{steps_per_epoch} steps x {cfg.epochs} epochs, lambda={cfg.graph_loss_weight}, "
+        f"{steps} steps x {cfg.epochs} epochs, lambda={cfg.graph_loss_weight}, "
         f"gather_grad={cfg.gather_grad}, graph_key_grad={cfg.graph_key_grad}, "
         f"peak lr {cfg.learning_rate():.4g}")
 
-    model = build(cfg, strategy, steps_per_epoch)
+    model = build(cfg, strategy, steps)
     _check_disk_space(cfg, model)
     epochs_done, path = latest_checkpoint(cfg.model_dir)
     rows, state = run_folder.read_history(cfg.model_dir, epochs_done)
@@ -346,9 +350,9 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         initial_step = restore(model, path, strategy)
         log(f"resuming from epoch {epochs_done} of {cfg.epochs} ({path}, optimizer step "
             f"{initial_step})")
-        if initial_step != epochs_done * steps_per_epoch:
+        if initial_step != epochs_done * steps:
             log(f"warning: {path} holds {initial_step} optimizer steps, not "
-                f"{epochs_done} x {steps_per_epoch}; the data pipeline starts at step "
+                f"{epochs_done} x {steps}; the data pipeline starts at step "
                 f"{initial_step}")
     # tf.data ops take TensorFlow's global seed with their own: make it cfg.seed's.
     with seeding.scoped(cfg.seed):
@@ -375,7 +379,7 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
     train_seconds = state["train_seconds"]
     if epochs_done < cfg.epochs:
         model.fit(dataset, epochs=cfg.epochs, initial_epoch=epochs_done,
-                  steps_per_epoch=steps_per_epoch, callbacks=all_callbacks,
+                  steps_per_epoch=steps, callbacks=all_callbacks,
                   verbose=cfg.verbose, shuffle=False)
         train_seconds = checkpoint.train_seconds()
     if guard.tripped is not None:
@@ -398,7 +402,7 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         "epochs": cfg.epochs,
         "completed_epochs": final_row.get("epoch", 0),
         "resumed_from_epoch": epochs_done,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": steps,
         "optimizer_steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         "replicas": replicas,
         "graph_loss_weight": cfg.graph_loss_weight,

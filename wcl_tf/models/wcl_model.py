@@ -98,6 +98,10 @@ class WCLModel(keras.Model):
         self._trackers = {name: keras.metrics.Mean(name=name) for name in names}
         # Steps of this epoch whose loss or gradients were not finite (never applied).
         self._trackers["nonfinite_steps"] = keras.metrics.Sum(name="nonfinite_steps")
+        # Epoch length the LR schedule was built for (wcl_tf.build_model sets it): fit()
+        # uses it when no steps_per_epoch is given, so the pipeline's endless dataset, the
+        # schedule and the weak-to-strong switch agree without repeating it.
+        self.steps_per_epoch = None
 
     @property
     def metrics(self):
@@ -301,6 +305,11 @@ class WCLModel(keras.Model):
 
         tf.distribute.get_replica_context().merge_call(cross_replica,
                                                        args=(finite, grads, variables))
+
+    def fit(self, *args, **kwargs):
+        if kwargs.get("steps_per_epoch") is None and self.steps_per_epoch:
+            kwargs["steps_per_epoch"] = self.steps_per_epoch
+        return super().fit(*args, **kwargs)
 
     def train_step(self, data):
         with tf.GradientTape() as tape:
