@@ -4,10 +4,20 @@
 wcl_tf nor Keras to run (`tf.saved_model.load(path)` is enough):
 
     signatures["serving_default"](images=uint8 (b, h, w, 3), any h, w)
-        -> cast to float32 -> bilinear resize straight to (image_size, image_size)
-           (tf.image.resize, antialias=False, half-pixel centres; no crop, the aspect ratio
-           is not kept) -> / 255 -> backbone(training=False)
-        -> {"features": float32 (b, C)}
+        -> the recorded preprocessing to (image_size, image_size) -> / 255
+        -> backbone(training=False) -> {"features": float32 (b, C)}
+
+    preprocessing "resize_center_crop" (default when image_size > 64, i.e. trained at
+        ImageNet-like sizes): the evaluation's test-time preprocessing
+        (wcl_tf.data.eval_input.eval_image): square inputs of side <= image_size are
+        resized bilinearly to it; any other input has its shorter side resized to
+        round(image_size * 256 / 224) (antialiased bilinear, rounded like PIL) and the
+        central image_size x image_size window is cut (the authors' Resize(256) +
+        CenterCrop(224));
+    preprocessing "squash" (default at image_size <= 64): bilinear resize straight to
+        (image_size, image_size) (tf.image.resize, antialias=False, half-pixel centres; no
+        crop, the aspect ratio is not kept).
+
     signatures["preprocessed"](images=float32 (b, image_size, image_size, 3) in [0, 1])
         -> backbone(training=False) -> {"features": float32 (b, C)}
 
@@ -44,6 +54,14 @@ PREPROCESSING_ASSET = "wcl_preprocessing.json"
 SIGNATURES = ("serving_default", "preprocessed")
 RESIZE_METHOD = "bilinear"
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+PREPROCESSING = ("resize_center_crop", "squash")
+# Above this training image size the serving signature defaults to resize + centre crop.
+CENTER_CROP_ABOVE = 64
+
+
+def default_preprocessing(image_size):
+    """'resize_center_crop' for models trained above 64 px (ImageNet-like), else 'squash'."""
+    return "resize_center_crop" if int(image_size) > CENTER_CROP_ABOVE else "squash"
 
 
 def _backbone_of(model):
@@ -92,9 +110,42 @@ def saved_variable_bytes(path):
     return sizes
 
 
-def preprocessing_spec(image_size, feature_dim, mean_std_note=None):
-    """The preprocessing contract of an exported encoder, as a JSON-ready dict."""
+def _resize_record(image_size, preprocessing):
+    if preprocessing == "squash":
+        return {
+            "mode": "direct",
+            "method": RESIZE_METHOD,
+            "antialias": False,
+            "half_pixel_centers": True,
+            "note": "tf.image.resize of the whole image straight to image_size x image_size "
+                    "(no shorter-side resize, no centre crop, aspect ratio not kept)",
+        }
+    from wcl_tf.data import eval_input  # pylint: disable=import-outside-toplevel
+
     return {
+        "mode": "resize_center_crop",
+        "method": RESIZE_METHOD,
+        "antialias": True,
+        "resize_shorter_side_to": eval_input.resize_size(image_size),
+        "center_crop": int(image_size),
+        "note": f"square inputs of side <= {image_size}: bilinear resize to it (no "
+                f"antialias); others: shorter side resized to "
+                f"{eval_input.resize_size(image_size)} (round({image_size} * 256 / 224); the "
+                f"longer side int({eval_input.resize_size(image_size)} * long / short)), "
+                f"antialiased bilinear rounded to uint8 values, then the central "
+                f"{image_size} x {image_size} window (offsets round((side - "
+                f"{image_size}) / 2)): the evaluation's test-time preprocessing",
+    }
+
+
+def preprocessing_spec(image_size, feature_dim, mean_std_note=None, preprocessing=None):
+    """The preprocessing contract of an exported encoder, as a JSON-ready dict."""
+    preprocessing = preprocessing or default_preprocessing(image_size)
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got "
+                         f"{preprocessing!r}.")
+    return {
+        "preprocessing": preprocessing,
         "image_size": int(image_size),
         "feature_dim": int(feature_dim),
         "signatures": {
@@ -109,14 +160,7 @@ def preprocessing_spec(image_size, feature_dim, mean_std_note=None):
         },
         "value_range": "serving_default: uint8 [0, 255], divided by 255 after resizing; "
                        "preprocessed: float32 [0, 1]",
-        "resize": {
-            "mode": "direct",
-            "method": RESIZE_METHOD,
-            "antialias": False,
-            "half_pixel_centers": True,
-            "note": "tf.image.resize of the whole image straight to image_size x image_size "
-                    "(no shorter-side resize, no centre crop, aspect ratio not kept)",
-        },
+        "resize": _resize_record(image_size, preprocessing),
         "normalization": {
             "inside_model": True,
             "mean": list(backbones.IMAGENET_MEAN),
@@ -131,10 +175,11 @@ def preprocessing_spec(image_size, feature_dim, mean_std_note=None):
 class _EncoderModule(tf.Module):
     """Holds the backbone (its variables once) and the serving functions."""
 
-    def __init__(self, backbone, image_size, asset_file):
+    def __init__(self, backbone, image_size, asset_file, preprocessing="squash"):
         super().__init__(name="wcl_encoder")
         self.backbone = backbone
         self.image_size = int(image_size)
+        self.preprocessing_mode = preprocessing
         self.preprocessing_asset = tf.saved_model.Asset(asset_file)
         size = self.image_size
         self.preprocessed = tf.function(
@@ -149,9 +194,23 @@ class _EncoderModule(tf.Module):
         return tf.cast(features, tf.float32)  # (b, C), also under mixed precision
 
     def _serve(self, images):
-        x = tf.image.resize(tf.cast(images, tf.float32), [self.image_size, self.image_size],
-                            method=RESIZE_METHOD, antialias=False)
-        return self._encode(x / 255.0)
+        if self.preprocessing_mode == "squash":
+            x = tf.image.resize(tf.cast(images, tf.float32),
+                                [self.image_size, self.image_size], method=RESIZE_METHOD,
+                                antialias=False)
+            return self._encode(x / 255.0)
+        from wcl_tf.data import eval_input  # pylint: disable=import-outside-toplevel
+
+        size = self.image_size
+        shape = tf.shape(images)
+        small_square = tf.logical_and(tf.equal(shape[1], shape[2]), shape[1] <= size)
+        x = tf.cond(
+            small_square,
+            lambda: tf.image.resize(tf.cast(images, tf.float32), [size, size],
+                                    method=RESIZE_METHOD, antialias=False),
+            lambda: eval_input.resize_center_crop(images, size))
+        x = tf.reshape(x, [-1, size, size, 3])
+        return self._encode(tf.clip_by_value(x / 255.0, 0.0, 1.0))
 
     def signature_functions(self):
         """{"serving_default", "preprocessed"}: the dict-returning signature functions."""
@@ -170,7 +229,7 @@ class _EncoderModule(tf.Module):
         return {"serving_default": serving_default, "preprocessed": preprocessed}
 
 
-def export_encoder(model, path, image_size, mean_std_note=None):
+def export_encoder(model, path, image_size, mean_std_note=None, preprocessing=None):
     """Writes the encoder of `model` as a serving SavedModel at `path`.
 
     Args:
@@ -179,6 +238,9 @@ def export_encoder(model, path, image_size, mean_std_note=None):
       path: output directory (created; an existing SavedModel there is overwritten).
       image_size: side of the square images the encoder expects, in pixels.
       mean_std_note: optional text recorded with the normalisation in the asset.
+      preprocessing: what `serving_default` does to the uint8 images, "resize_center_crop"
+        or "squash" (module doc); None: default_preprocessing(image_size). Recorded in the
+        asset as "preprocessing".
     Returns:
       The preprocessing dict also written to `path/assets/wcl_preprocessing.json`, with
       `variable_bytes` (the backbone's variable bytes), `variables_dir_bytes` (size of
@@ -192,13 +254,13 @@ def export_encoder(model, path, image_size, mean_std_note=None):
     if not backbone.built:
         backbone(tf.zeros([1, image_size, image_size, 3]))
     feature_dim = int(backbone.output_shape[-1])
-    spec = preprocessing_spec(image_size, feature_dim, mean_std_note)
+    spec = preprocessing_spec(image_size, feature_dim, mean_std_note, preprocessing)
 
     with tempfile.TemporaryDirectory() as tmp:
         asset_file = os.path.join(tmp, PREPROCESSING_ASSET)
         with open(asset_file, "w") as f:
             json.dump(spec, f, indent=2, sort_keys=True)
-        module = _EncoderModule(backbone, image_size, asset_file)
+        module = _EncoderModule(backbone, image_size, asset_file, spec["preprocessing"])
         tf.saved_model.save(module, path, signatures=module.signature_functions())
 
     spec = dict(spec)

@@ -15,7 +15,14 @@ Two variants:
   test images are used as given (already resized). As the backbone is frozen and the test
   images fixed, the test features are computed once.
 
-Both return {top1_best, top1_last, top5_best, top5_last, history, lr}: accuracies as
+- `linear_eval_stream`: the same protocol on tf.data batches (wcl_tf.data.eval_input):
+  training crops are cut from the ORIGINAL images while they are read, test images are
+  resized (shorter side round(S * 256 / 224)) and centre-cropped; only the test features
+  (M x C) are held, so memory does not grow with the training set. `linear_eval_full` is
+  the in-memory form of it for small square datasets (CIFAR, MNIST), where the two are the
+  same protocol.
+
+All return {top1_best, top1_last, top5_best, top5_last, history, lr}: accuracies as
 fractions in [0, 1]; "best" is the maximum over epochs (top-1 and top-5 each on its own),
 "last" the value after the final epoch; history has one dict per epoch (epoch, loss, lr,
 top1, top5). With fewer than 5 classes "top-5" is top-num_classes (always 1).
@@ -291,4 +298,58 @@ def linear_eval_full(backbone, train_images, train_labels, test_images, test_lab
     result = run_epochs(step, iter(dataset), steps_per_epoch, epochs, evaluate, optimizer,
                         log, name="linear (full)")
     result["lr"] = lr
+    return result
+
+
+def linear_eval_stream(backbone, train_batches, steps_per_epoch, test_batches, num_classes,
+                       epochs, batch_size, lr=None, seed=0, log=None):
+    """Linear evaluation with the WCL_SPEC section 4 protocol, streamed.
+
+    Args:
+      backbone: keras.Model, float32 images in [0, 1] -> features (b, C); called with
+        training=False, none of its variables change.
+      train_batches: tf.data of (images float32 (b, S, S, 3), labels int64) yielding
+        epochs * steps_per_epoch batches, already augmented
+        (`eval_input.train_batches`).
+      test_batches: tf.data of (images, labels), one pass over the test split, already
+        preprocessed (`eval_input.eval_batches`); its features are computed once.
+      num_classes, epochs, batch_size (for the default lr), lr, seed, log: as in
+        `linear_eval_features`.
+    Returns:
+      {top1_best, top1_last, top5_best, top5_last, history, lr, num_test}.
+    """
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+    if int(epochs) < 1 or int(steps_per_epoch) < 1:
+        raise ValueError(f"epochs and steps_per_epoch must be >= 1, got {epochs}, "
+                         f"{steps_per_epoch}.")
+    lr = default_lr(batch_size) if lr is None else float(lr)
+
+    @tf.function(reduce_retracing=True)
+    def features(x):
+        return tf.cast(backbone(x, training=False), tf.float32)
+
+    test_feats, test_labels = [], []
+    for images, labels in test_batches:
+        test_feats.append(features(images).numpy())
+        test_labels.append(np.asarray(labels, np.int64))
+    if not test_feats:
+        raise ValueError("no test examples.")
+    test_feats = np.concatenate(test_feats, axis=0)
+    test_labels = np.concatenate(test_labels, axis=0)
+    check_inputs(test_labels[:1], test_labels, num_classes, epochs, batch_size)
+
+    classifier = build_classifier(test_feats.shape[1], num_classes, seed)
+    optimizer = build_sgd(lr, int(steps_per_epoch) * int(epochs))
+    step = _classifier_step(classifier, optimizer,
+                            lambda x: tf.cast(backbone(x, training=False), tf.float32))
+
+    def evaluate():
+        logits = _logits(classifier, test_feats)
+        return topk_accuracy(logits, test_labels, 1), topk_accuracy(logits, test_labels, 5)
+
+    result = run_epochs(step, iter(train_batches), int(steps_per_epoch), int(epochs),
+                        evaluate, optimizer, log, name="linear (full)")
+    result["lr"] = lr
+    result["num_test"] = int(len(test_labels))
     return result

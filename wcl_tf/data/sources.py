@@ -168,14 +168,20 @@ def resize_images(images, image_size):
 
 def load_arrays(dataset, split, image_size, data_dir=None, download=False, max_examples=0,
                 on_bad_image="skip"):
-    """The whole split as arrays, for kNN / linear evaluation.
+    """The whole split as arrays, for small kNN / linear evaluations (the training-time kNN
+    monitor, the fast probe's raw-pixel baseline, fine-tuning). Large splits: stream them
+    with wcl_tf.data.eval_input instead (this holds N * S * S * 3 float32).
 
-    Returns images float32 (N, S, S, 3) in [0, 1], resized bilinearly to S = image_size,
-    and labels int64 (N,).
+    Returns images float32 (N, S, S, 3) in [0, 1], through the test-time preprocessing
+    `eval_input.eval_image` (square images of side <= S: bilinear resize to S, the
+    identity at S; others: shorter side to round(S * 256 / 224), centre crop S), and
+    labels int64 (N,).
     """
+    from wcl_tf.data import eval_input  # pylint: disable=import-outside-toplevel
+
     ds, num_examples, _ = load_split(dataset, split, data_dir, download, max_examples,
                                      on_bad_image=on_bad_image)
-    ds = ds.map(lambda image, label: (resize_images(image, image_size) / 255.0, label),
+    ds = ds.map(lambda image, label: (eval_input.eval_image(image, image_size), label),
                 num_parallel_calls=tf.data.AUTOTUNE)
     images = np.zeros((num_examples, image_size, image_size, 3), np.float32)
     labels = np.zeros((num_examples,), np.int64)

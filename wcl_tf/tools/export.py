@@ -7,7 +7,11 @@
 --model_dir uses <model_dir>/final.keras and reads image_size from <model_dir>/config.json
 (written by training); --image_size overrides it. The SavedModel has the signatures
 `serving_default` (uint8 images of any size) and `preprocessed` (float32 images in [0, 1] at
-image_size); see wcl_tf/export.py. Prints the signatures, the export size and the variable
+image_size); see wcl_tf/export.py. --preprocessing says what serving_default does to the
+uint8 images: resize_center_crop (the evaluation's test-time preprocessing, shorter side to
+round(S * 256 / 224) then the central S x S; the default above 64 px) or squash (bilinear
+straight to S x S; the default at 64 px and below); it is recorded in
+assets/wcl_preprocessing.json. Prints the signatures, the export size and the variable
 bytes. Every path may also be a URL (gs://bucket/run): files go through wcl_tf.run_folder.
 """
 
@@ -32,6 +36,9 @@ flags.DEFINE_string("export_dir", None, "Where to write the SavedModel. "
                     "Default: <model_dir>/export.")
 flags.DEFINE_integer("image_size", None, "Side of the square images the encoder expects, "
                      "in pixels. Default: image_size from config.json.", lower_bound=1)
+flags.DEFINE_enum("preprocessing", None, ["resize_center_crop", "squash"], "What the "
+                  "serving_default signature does to uint8 images of any size. Default: "
+                  "resize_center_crop when image_size > 64, else squash.")
 flags.DEFINE_string("mean_std_note", None, "Optional note stored with the normalisation in "
                     "assets/wcl_preprocessing.json.")
 
@@ -119,14 +126,16 @@ def _main(argv):
         return 1
     try:
         spec = export.export_encoder(model, export_dir, image_size,
-                                     mean_std_note=FLAGS.mean_std_note)
+                                     mean_std_note=FLAGS.mean_std_note,
+                                     preprocessing=FLAGS.preprocessing)
     except (*run_folder.file_errors(), TypeError, ValueError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: cannot export to {export_dir!r}: {message}", file=sys.stderr)
         return 1
 
     print(f"Exported the encoder of {checkpoint} to {export_dir} "
-          f"(image_size {image_size}, {spec['feature_dim']} features).")
+          f"(image_size {image_size}, {spec['feature_dim']} features, serving "
+          f"preprocessing {spec['preprocessing']}).")
     print("Signatures:")
     for line in _describe_signatures(export_dir):
         print(line)
