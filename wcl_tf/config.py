@@ -131,7 +131,8 @@ class Config:
         need(self.precision in PRECISIONS,
              f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         need(self.gather_grad in GATHER_GRAD,
-             f"gather_grad must be 'full' or 'local', got {self.gather_grad!r}.")
+             f"gather_grad must be 'full' or 'local' (one of {GATHER_GRAD}), got "
+             f"{self.gather_grad!r}.")
         need(self.lr_scaling in LR_SCALING,
              f"lr_scaling must be 'sqrt' or 'linear', got {self.lr_scaling!r}.")
         need(self.temperature > 0,

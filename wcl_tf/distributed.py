@@ -6,6 +6,8 @@ calls `train_step`). With one replica they are identities.
 
 import tensorflow as tf
 
+from wcl_tf.config import GATHER_GRAD
+
 
 def replica_info():
     """(replica context, number of replicas, this replica's id) of the caller."""
@@ -44,8 +46,8 @@ def gather(x, gather_grad="full"):
         flat = tf.reshape(x - tf.stop_gradient(x), [b, -1])
         delta = tf.reshape(tf.matmul(select, flat, transpose_a=True), tf.shape(x_all))
         x_all = tf.stop_gradient(x_all) + delta
-    elif gather_grad != "full":
-        raise ValueError(f"gather_grad must be 'full' or 'local', got {gather_grad!r}")
+    elif gather_grad not in GATHER_GRAD:
+        raise ValueError(f"gather_grad must be one of {GATHER_GRAD}, got {gather_grad!r}")
     return x_all, offset
 
 

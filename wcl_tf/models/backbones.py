@@ -28,9 +28,8 @@ also counts the BatchNorm moving statistics and the normalisation constants.
 import keras
 import numpy as np
 
+from wcl_tf.config import BACKBONES as BACKBONE_NAMES  # the one list (config has no TF)
 from wcl_tf.models.batch_norm import FusedBatchNormalization
-
-BACKBONE_NAMES = ("resnet50", "resnet18_cifar", "small_cnn")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

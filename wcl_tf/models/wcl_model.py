@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from wcl_tf import distributed
+from wcl_tf.config import GATHER_GRAD
 from wcl_tf import losses
 from wcl_tf import optimizers  # noqa: F401  (registers LARS: compiled .keras files name it)
 from wcl_tf import weak_labels as weak_labels_lib
@@ -81,8 +82,8 @@ class WCLModel(keras.Model):
                  graph_loss_weight=1.0, gather_grad="full", knn_crops=0,
                  local_loss_weight=1.0, graph_key_grad=False, **kwargs):
         super().__init__(**kwargs)
-        if gather_grad not in ("full", "local"):
-            raise ValueError(f"gather_grad must be 'full' or 'local', got {gather_grad!r}")
+        if gather_grad not in GATHER_GRAD:
+            raise ValueError(f"gather_grad must be one of {GATHER_GRAD}, got {gather_grad!r}")
         self.backbone = backbone
         self.instance_head = instance_head
         self.graph_head = graph_head
