@@ -191,13 +191,14 @@ def _pil_boxes_for_crop_and_resize(boxes, height, width, size):
     return tf.stack([y1, x1, y2, x2], axis=1)
 
 
-def _resample_window(image, box, size, height, width):
-    """PIL bilinear resize (antialiased when shrinking) of the window `box` ([top, left,
-    bottom, right] fractions) of one image (1, H, W, C) to float32 (size, size, C).
+def _window_geometry(box, size, height, width):
+    """Where _resample_window reads for one box ([top, left, bottom, right] fractions of an
+    image of height x width pixels): the integer pixel window [top, left] + [rows, cols]
+    (the box plus a margin of the filter's support, clipped to the image) and the
+    ScaleAndTranslate scale / translation of each axis relative to that window.
 
-    Only the window and a margin of the filter's support are handed to ScaleAndTranslate
-    (it costs in proportion to its input's width, not the window's); the margin keeps
-    every weighted source pixel, so the result is that of the whole image."""
+    Returns (top, left, rows, cols) int32 scalars and (scale_y, scale_x), (shift_y,
+    shift_x) float32 scalars."""
     height = tf.cast(height, tf.float32)
     width = tf.cast(width, tf.float32)
     size_f = float(size)
@@ -213,12 +214,28 @@ def _resample_window(image, box, size, height, width):
 
     top, rows, scale_y, shift_y = axis(box[0], box[2], height)
     left, cols, scale_x, shift_x = axis(box[1], box[3], width)
-    window = tf.slice(image, tf.stack([0, top, left, 0]), tf.stack([-1, rows, cols, -1]))
+    return (top, left, rows, cols), (scale_y, scale_x), (shift_y, shift_x)
+
+
+def _scale_window(window, size, scale, shift):
+    """ScaleAndTranslate (PIL's antialiased bilinear) of a window (1, h, w, C) cut by
+    _window_geometry: float32 (size, size, C)."""
     out = tf.raw_ops.ScaleAndTranslate(images=window, size=tf.constant([size, size]),
-                                       scale=tf.stack([scale_y, scale_x]),
-                                       translation=tf.stack([shift_y, shift_x]),
+                                       scale=tf.stack(scale), translation=tf.stack(shift),
                                        kernel_type="triangle", antialias=True)
     return out[0]
+
+
+def _resample_window(image, box, size, height, width):
+    """PIL bilinear resize (antialiased when shrinking) of the window `box` ([top, left,
+    bottom, right] fractions) of one image (1, H, W, C) to float32 (size, size, C).
+
+    Only the window and a margin of the filter's support are handed to ScaleAndTranslate
+    (it costs in proportion to its input's width, not the window's); the margin keeps
+    every weighted source pixel, so the result is that of the whole image."""
+    (top, left, rows, cols), scale, shift = _window_geometry(box, size, height, width)
+    window = tf.slice(image, tf.stack([0, top, left, 0]), tf.stack([-1, rows, cols, -1]))
+    return _scale_window(window, size, scale, shift)
 
 
 def _pil_weights(start, end, length, size):
@@ -290,6 +307,52 @@ def crops_of_image(image_uint8, count, size, scale, ratio, seed):
     crops = tf.map_fn(lambda box: _resample_window(image, box, size, shape[0], shape[1]),
                       boxes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
     return tf.cast(tf.clip_by_value(tf.round(crops), 0.0, 255.0), tf.uint8)
+
+
+def decode_image(contents):
+    """Encoded JPEG/PNG/GIF/BMP/WebP bytes -> uint8 (H, W, 3) (grayscale repeated, alpha
+    dropped, the first frame of a GIF)."""
+    image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8,
+                               expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def crops_of_jpeg(contents, count, size, scale, ratio, seed):
+    """crops_of_image of the image encoded as JPEG in `contents` (scalar string), decoding
+    only what the crops read: uint8 (count, size, size, 3).
+
+    The boxes are drawn exactly as crops_of_image draws them (crop_boxes at the image's
+    own size, read from the JPEG header), and each view decodes just its window plus the
+    filter's margin (_window_geometry, the pixels _resample_window would slice from the
+    full decode) with decode_and_crop_jpeg, then resamples it with the same weights. The
+    result is crops_of_image(decode(contents), ...) up to libjpeg's decoding of a cropped
+    region (DCT-block smoothing at the window's border, about one grey level at most pixels
+    it touches; tests/test_fused_crop.py bounds it)."""
+    shape = tf.image.extract_jpeg_shape(contents)
+    aspect = tf.cast(shape[1], tf.float32) / tf.cast(shape[0], tf.float32)
+    boxes = crop_boxes(count, scale, ratio, seed, image_aspect=aspect)
+
+    def one(box):
+        (top, left, rows, cols), box_scale, shift = _window_geometry(box, size, shape[0],
+                                                                     shape[1])
+        window = tf.io.decode_and_crop_jpeg(contents, tf.stack([top, left, rows, cols]),
+                                            channels=3)
+        return _scale_window(window[tf.newaxis], size, box_scale, shift)
+
+    crops = tf.map_fn(one, boxes, fn_output_signature=tf.TensorSpec([size, size, 3],
+                                                                     tf.float32))
+    return tf.cast(tf.clip_by_value(tf.round(crops), 0.0, 255.0), tf.uint8)
+
+
+def crops_of_encoded(contents, count, size, scale, ratio, seed):
+    """crops_of_image of an encoded image (scalar string): JPEGs through crops_of_jpeg
+    (fused decode and crop, one partial decode per crop), other formats (PNG, GIF, BMP,
+    WebP) decoded whole, then crops_of_image. uint8 (count, size, size, 3)."""
+    return tf.cond(
+        tf.io.is_jpeg(contents),
+        lambda: crops_of_jpeg(contents, count, size, scale, ratio, seed),
+        lambda: crops_of_image(decode_image(contents), count, size, scale, ratio, seed))
 
 
 def _gray(images):

@@ -30,6 +30,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from wcl_tf.data import augment
 from wcl_tf.data.sources import DataError
 
 PREFIX = "folder:"
@@ -82,10 +83,7 @@ class FolderScan:
 
 def decode(contents):
     """Encoded JPEG/PNG/GIF/BMP/WebP bytes -> uint8 (H, W, 3)."""
-    image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8,
-                               expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
+    return augment.decode_image(contents)
 
 
 def _split_root(path, split):

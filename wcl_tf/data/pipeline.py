@@ -15,12 +15,17 @@ Sources (`_training_source`):
 
     image folder:  paths (a seeded sample across classes for max_train_examples)
                    -> permuted indices -> read + decode only this pipeline's share
+                   (JPEGs: only each crop's window, see below)
     fixed-size data that fits _CACHE_LIMIT_BYTES (embedded MNIST, CIFAR, TFDS subsets):
                    decoded once into memory (resized to S when S x S is the batched path's
                    input) -> permuted indices -> gather
-    larger TFDS data: files read in one seeded order (shuffle_files), shard, then per
-                   epoch a _SHUFFLE_BUFFER shuffle seeded from (cfg.seed, e); a mid-epoch
-                   resume reads and drops the epoch's earlier images
+    larger TFDS data: only this input pipeline's share read (tfds.ReadConfig input_context:
+                   its own files; tfds.even_splits when the split has fewer files than
+                   pipelines), files in one seeded order (shuffle_files), then per epoch a
+                   _SHUFFLE_BUFFER shuffle seeded from (cfg.seed, e); a mid-epoch resume
+                   reads and drops the epoch's earlier images. Exact resume needs the same
+                   number of input pipelines (each one's epoch is its own share's examples).
+                   Images stored as JPEG are read undecoded (tfds.decode.SkipDecoding)
 
 Then, for images that are S x S already (CIFAR-10 at 32 px, MNIST at 28 px):
 
@@ -31,7 +36,10 @@ Images of any other size (ImageNet, image folders, 32-px data trained at 224 px)
 cropped one by one from the full-resolution image before batching, as torchvision's
 RandomResizedCrop does (a crop of the original, resized to S; never a stretched S x S copy):
 
-    -> 2 view crops (+ M local crops) per image, seeded per image
+    -> 2 view crops (+ M local crops) per image, seeded per image; encoded JPEGs (image
+       folders, TFDS JPEG features) decode only each crop's window plus the resampling
+       filter's margin (augment.crops_of_jpeg: the same windows and weights as a full
+       decode), other formats are decoded whole
     -> batch -> cropped_views per batch (jitter, grayscale, blur, flip) -> prefetch
 
 Augmentation happens here, in tf.data, never inside the replicated train step
@@ -50,7 +58,7 @@ import numpy as np
 import tensorflow as tf
 
 from wcl_tf.data import augment, folder
-from wcl_tf.data.sources import DataError, load_split, resize_images
+from wcl_tf.data.sources import DataError, load_split, pipeline_examples, resize_images
 
 # Training images of one fixed size are decoded once into memory when they take at most
 # this (the whole split, on every host: each input pipeline draws from all of it).
@@ -86,17 +94,20 @@ def _resize_uint8(image, image_size):
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
-def _training_source(cfg, crop_first_shape=None):
+def _training_source(cfg, input_context=None):
     """The training split as one of three kinds, in a fixed order of its own:
 
     ("files", paths (string tensor), N): an image folder; max_train_examples keeps a
-      seeded sample across all classes (folder.select_files with cfg.seed). Decoded only
-      when drawn.
+      seeded sample across all classes (folder.select_files with cfg.seed). Read and
+      decoded only when drawn (JPEGs decoded crop by crop, augment.crops_of_encoded).
     ("arrays", uint8 tensor (N, ...), N): data whose images all have one size and fit in
       _CACHE_LIMIT_BYTES, decoded once into memory: resized to S x S when that is the
       batched path's input, at source size otherwise.
-    ("stream", dataset of uint8 images, N): TFDS data too large for memory, read with its
-      files in a seeded order.
+    ("stream", dataset of images, N): TFDS data too large for memory, read with its files
+      in a seeded order. With input_context (several input pipelines), only this
+      pipeline's share of the split is read (sources.load_split): its own files, or its
+      part of tfds.even_splits when the split has fewer files than pipelines. Images
+      stored as JPEG come as encoded bytes (tf.string scalars), decoded crop by crop.
     """
     image_size = cfg.image_size
     if folder.is_folder_dataset(cfg.dataset):
@@ -119,9 +130,12 @@ def _training_source(cfg, crop_first_shape=None):
             images[count:count + len(batch)] = batch
             count += len(batch)
         return "arrays", tf.constant(images[:count]), count
+    # Encoded JPEG bytes only where the images are cropped one by one (not S x S already).
     ds, num_examples, _ = load_split(cfg.dataset, cfg.train_split, cfg.data_dir,
                                      cfg.download, cfg.max_train_examples, cfg.seed,
-                                     on_bad_image=cfg.on_bad_image, shuffle_files=True)
+                                     on_bad_image=cfg.on_bad_image, shuffle_files=True,
+                                     input_context=input_context,
+                                     encoded_jpeg=source_shape != (image_size, image_size, 3))
     return "stream", ds.map(lambda image, label: image,
                             num_parallel_calls=tf.data.AUTOTUNE), num_examples
 
@@ -165,17 +179,17 @@ def example_order(cfg, num_examples, batch_size, steps_per_epoch, num_pipelines=
         locate, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _stream_order(cfg, images, num_examples, batch_size, steps_per_epoch, num_pipelines,
-                  pipeline_id, replicas_per_pipeline, initial_step):
-    """(number, image) for TFDS data read as a stream: this pipeline's shard, epoch e
-    shuffled by a buffer seeded from (cfg.seed, e) (files in one seeded order), as many
-    passes as the epoch needs, cut to the epoch's images; a resumed run starts at its
-    epoch and skips the images of that epoch's earlier steps (read and dropped)."""
-    if num_pipelines > 1:
-        images = images.shard(num_pipelines, pipeline_id)
+def _stream_order(cfg, images, local_examples, batch_size, steps_per_epoch,
+                  replicas_per_pipeline, initial_step):
+    """(number, image) for TFDS data read as a stream: this pipeline's share (already
+    sharded by the reader, local_examples images: its own files, or its part of
+    tfds.even_splits), epoch e shuffled by a buffer seeded from (cfg.seed, e) (files in one
+    seeded order), as many passes as the epoch needs, cut to the epoch's images; a resumed
+    run (same number of input pipelines) starts at its epoch and skips the images of that
+    epoch's earlier steps (read and dropped)."""
     per_step = replicas_per_pipeline * batch_size
     per_epoch = steps_per_epoch * per_step
-    local = max(1, num_examples // num_pipelines)
+    local = max(1, local_examples)
     passes = -(-per_epoch // local)
     buffer = min(local, _SHUFFLE_BUFFER)
 
@@ -207,7 +221,7 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
     exactly those of an uninterrupted run with the same settings (see example_order).
     """
     image_size = cfg.image_size
-    kind, source, num_examples = _training_source(cfg)
+    kind, source, num_examples = _training_source(cfg, input_context)
     if steps_per_epoch is None:
         steps_per_epoch = pretrain_steps_per_epoch(cfg, num_examples)
     num_pipelines, pipeline_id, replicas_per_pipeline = 1, 0, 1
@@ -216,6 +230,9 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
         pipeline_id = input_context.input_pipeline_id
         replicas_per_pipeline = max(1, input_context.num_replicas_in_sync // num_pipelines)
     local_examples = num_examples // num_pipelines
+    if kind == "stream" and num_pipelines > 1:
+        local_examples = pipeline_examples(cfg.dataset, cfg.train_split, cfg.data_dir,
+                                           input_context, cfg.max_train_examples)
     if local_examples < batch_size:
         raise DataError(
             f"input pipeline {pipeline_id} gets about {local_examples} of the "
@@ -224,7 +241,9 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
 
     seed_base = tf.constant(cfg.seed, tf.int64)
     per_step = replicas_per_pipeline * batch_size
-    if kind == "files":
+    # Encoded bytes (image files, TFDS JPEGs): decoded by the crops, see crop_image.
+    encoded = kind == "files" or (kind == "stream" and source.element_spec.dtype == tf.string)
+    if encoded:
         crop_first = True
     else:
         element_shape = tuple(source.shape[1:] if kind == "arrays"
@@ -250,22 +269,24 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
         spec = augment.select_spec(is_strong(number), strong_spec, weak_spec)
         # Multi-crop: fixed global / local scales, as in multi_crop_views.
         scale = cfg.global_crop_scale if multi_crop else spec.crop_scale
-        crops = {"views": augment.crops_of_image(image, 2, image_size, scale,
-                                                 spec.crop_ratio, view_seed)}
+        # Encoded: JPEGs decode only each crop's window (the same crops, see
+        # augment.crops_of_jpeg), other formats are decoded whole.
+        crops_of = augment.crops_of_encoded if encoded else augment.crops_of_image
+        crops = {"views": crops_of(image, 2, image_size, scale, spec.crop_ratio, view_seed)}
         if multi_crop:
-            crops["local"] = augment.crops_of_image(
-                image, cfg.num_local_crops, cfg.local_crop_size, cfg.local_crop_scale,
-                spec.crop_ratio, local_seed)
+            crops["local"] = crops_of(image, cfg.num_local_crops, cfg.local_crop_size,
+                                      cfg.local_crop_scale, spec.crop_ratio, local_seed)
         return crops
 
     if kind == "stream":
-        ds = _stream_order(cfg, source, *order_args[1:])
+        ds = _stream_order(cfg, source, local_examples, batch_size, steps_per_epoch,
+                           replicas_per_pipeline, initial_step)
         fetch = None
     else:
         ds = example_order(*order_args)
         if kind == "files":
             def fetch(index):
-                return folder.decode(tf.io.read_file(tf.gather(source, index)))
+                return tf.io.read_file(tf.gather(source, index))
         else:
             def fetch(index):
                 return tf.gather(source, index)

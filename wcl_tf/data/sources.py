@@ -75,7 +75,14 @@ def _prepare_command(dataset, data_dir):
             f'tfds.builder("{dataset}"{where}).download_and_prepare()\'')
 
 
-def _load_tfds(dataset, split, data_dir, download, max_examples, seed, shuffle_files=False):
+def _jpeg_encoded(builder):
+    """True when the builder's "image" feature is stored as encoded JPEG bytes."""
+    feature = builder.info.features["image"] if "image" in builder.info.features else None
+    return getattr(feature, "encoding_format", None) == "jpeg"
+
+
+def _load_tfds(dataset, split, data_dir, download, max_examples, seed, shuffle_files=False,
+               input_context=None, encoded_jpeg=False):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
     builder = _tfds_builder(dataset, data_dir)
@@ -97,26 +104,47 @@ def _load_tfds(dataset, split, data_dir, download, max_examples, seed, shuffle_f
     simple = split in known
     if max_examples > 0 and simple:
         split = f"{split}[:{max_examples}]"
+    encoded_jpeg = encoded_jpeg and _jpeg_encoded(builder)
+    decoders = {"image": tfds.decode.SkipDecoding()} if encoded_jpeg else None
     try:
         num_examples = builder.info.splits[split].num_examples
+        read_split, context = split, None
+        # A sliced split with max_examples is cut after reading (take): sharded after too.
+        shard_after = (input_context is not None and input_context.num_input_pipelines > 1
+                       and max_examples > 0 and not simple)
+        if (input_context is not None and input_context.num_input_pipelines > 1
+                and not shard_after):
+            files = builder.info.splits[split].file_instructions
+            if len(files) >= input_context.num_input_pipelines:
+                context = input_context  # Each pipeline reads its own files.
+            else:  # Fewer files than pipelines: each reads its own range of examples.
+                read_split = tfds.even_splits(split, input_context.num_input_pipelines)[
+                    input_context.input_pipeline_id]
         # A sliced split ('train[:N]') is a fixed subset; shuffle_files only changes the
         # order its files are read in (one seeded order, the same every iteration).
-        ds = builder.as_dataset(split=split, as_supervised=True,
+        ds = builder.as_dataset(split=read_split, as_supervised=True,
                                 shuffle_files=shuffle_files and not (
                                     max_examples > 0 and not simple),
+                                decoders=decoders,
                                 read_config=tfds.ReadConfig(
                                     shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
-                                    try_autocache=False))
+                                    try_autocache=False, input_context=context))
     except (ValueError, KeyError, AssertionError) as err:
         raise DataError(f"cannot read split {split!r} of {dataset!r}: {err}") from err
     if max_examples > 0 and not simple:
         ds = ds.take(max_examples)  # Files read in order here: the first max_examples.
         num_examples = min(num_examples, max_examples)
+    if shard_after:
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     if "label" not in builder.info.features or not hasattr(
             builder.info.features["label"], "num_classes"):
         raise DataError(f"dataset {dataset!r} has no class label feature: use an image "
                         f"classification dataset.")
     num_classes = builder.info.features["label"].num_classes
+
+    if encoded_jpeg:  # Encoded bytes, decoded (and cropped) by the caller.
+        return (ds.map(lambda image, label: (image, tf.cast(label, tf.int64)),
+                       num_parallel_calls=tf.data.AUTOTUNE), num_examples, num_classes)
 
     def to_rgb(image, label):
         channels = image.shape[-1]
@@ -129,8 +157,33 @@ def _load_tfds(dataset, split, data_dir, download, max_examples, seed, shuffle_f
     return ds.map(to_rgb, num_parallel_calls=tf.data.AUTOTUNE), num_examples, num_classes
 
 
+def pipeline_examples(dataset, split, data_dir, input_context, max_examples=0):
+    """Number of examples that input pipeline `input_context.input_pipeline_id` reads from
+    a TFDS split with load_split(..., input_context=input_context): the examples of its own
+    files (one file in every num_input_pipelines, TFDS's per-file sharding) when the split
+    has at least that many files, else of its part of tfds.even_splits."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    builder = _tfds_builder(dataset, data_dir)
+    simple = split in builder.info.splits.keys()
+    if max_examples > 0 and simple:
+        split = f"{split}[:{max_examples}]"
+    n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
+    if n <= 1:
+        return builder.info.splits[split].num_examples
+    if max_examples > 0 and not simple:
+        # A split string cut to max_examples after reading, then ds.shard (load_split).
+        total = min(builder.info.splits[split].num_examples, max_examples)
+        return len(range(i, total, n))
+    files = builder.info.splits[split].file_instructions
+    if len(files) >= n:
+        return sum(f.take for f in files[i::n])
+    return builder.info.splits[tfds.even_splits(split, n)[i]].num_examples
+
+
 def load_split(dataset, split, data_dir=None, download=False, max_examples=0, seed=None,
-               on_bad_image="skip", shuffle_files=False):
+               on_bad_image="skip", shuffle_files=False, input_context=None,
+               encoded_jpeg=False):
     """Returns (tf.data.Dataset of (image uint8 (H, W, 3), label int64), num_examples,
     num_classes).
 
@@ -144,6 +197,13 @@ def load_split(dataset, split, data_dir=None, download=False, max_examples=0, se
     on_bad_image: folders only, 'skip' undecodable files or 'fail' with their list.
     shuffle_files: TFDS only, read the files in an order drawn with `seed` (the same
     order every iteration); the training pipeline's large-data path uses it.
+    input_context: TFDS only, a tf.distribute.InputContext: this input pipeline reads
+    only its share of the split, before anything is decoded: its own files (TFDS's
+    per-file sharding) when the split has at least num_input_pipelines files, else its
+    part of tfds.even_splits (a contiguous range of examples); num_examples stays the
+    whole split's (pipeline_examples gives the share's).
+    encoded_jpeg: TFDS only, when the image feature is stored as JPEG the images come
+    as undecoded bytes (tf.string scalars), for augment.crops_of_encoded.
     """
     if max_examples < 0:
         raise DataError(f"max_examples must be >= 0 (0: all), got {max_examples}.")
@@ -154,7 +214,7 @@ def load_split(dataset, split, data_dir=None, download=False, max_examples=0, se
     if folder.is_folder_dataset(dataset):
         return folder.load_folder(dataset, split, max_examples, on_bad_image, seed=seed)
     return _load_tfds(dataset, split, data_dir, download, max_examples,
-                      0 if seed is None else seed, shuffle_files)
+                      0 if seed is None else seed, shuffle_files, input_context, encoded_jpeg)
 
 
 def resize_images(images, image_size):
