@@ -93,6 +93,13 @@ def _scalars(model_dir, tag):
             for e in acc.Tensors(f"epoch_{tag}")]
 
 
+def _num(value):
+    """'12.34', or '-' where nothing was measured (no linear probe)."""
+    import math
+
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
 def _table(summary, out_dir):
     """Markdown rows per run and mean +- std per method."""
     import numpy as np
@@ -111,7 +118,7 @@ def _table(summary, out_dir):
                  "size": sizes[-1][1] if sizes else float("nan"),
                  "minutes": res["train_seconds"] / 60}
         per_method.setdefault(method, []).append(entry)
-        rows.append(f"| {name} | {entry['knn']:.2f} | {entry['linear']:.2f} | "
+        rows.append(f"| {name} | {entry['knn']:.2f} | {_num(entry['linear'])} | "
                     f"{entry['purity']:.3f} | {entry['size']:.2f} | {entry['minutes']:.1f} |")
     lines = ["| run | kNN top-1 (%) | fast linear top-1, last (%) | weak-label purity, last "
              "epoch | mean component size | train min |", "|---|---|---|---|---|---|"] + rows
@@ -120,7 +127,8 @@ def _table(summary, out_dir):
         knn_values = np.array([e["knn"] for e in entries])
         lin = np.array([e["linear"] for e in entries])
         lines.append(f"| {method} | {len(entries)} | {knn_values.mean():.2f} +- "
-                     f"{knn_values.std():.2f} | {lin.mean():.2f} +- {lin.std():.2f} |")
+                     f"{knn_values.std():.2f} | "
+                     f"{_num(lin.mean()) + ' +- ' + _num(lin.std()) if np.isfinite(lin).all() else '-'} |")
     # Per-seed pairs: each WCL arm minus SimCLR of the same seed (kNN, linear).
     by_seed = {}
     for name, res in summary["runs"].items():
@@ -142,8 +150,9 @@ def _table(summary, out_dir):
                     cells.append("-")
                     continue
                 a, b = (knn_of[names[x]].split(" | ") for x in (arm, "simclr"))
-                cells.append(f"{float(a[1]) - float(b[1]):+.2f} / "
-                             f"{float(a[2]) - float(b[2]):+.2f}")
+                linear = ("-" if "-" in (a[2], b[2])
+                          else f"{float(a[2]) - float(b[2]):+.2f}")
+                cells.append(f"{float(a[1]) - float(b[1]):+.2f} / {linear}")
             lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -172,7 +181,8 @@ def _plot(summary, path):
     ax.set_title("kNN accuracy, seeds " + ",".join(FLAGS.seeds))
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("fraction of weak-positive pairs of the same class")
-    ax2.set_title(f"weak-label purity (batch of {FLAGS.global_batch_size})")
+    batch = 128 if FLAGS.preset == "demo" else FLAGS.global_batch_size  # the runs' batch
+    ax2.set_title(f"weak-label purity (batch of {batch})")
     for a in (ax, ax2):
         a.grid(alpha=0.3)
         a.legend()
