@@ -46,3 +46,20 @@ def scoped(seed=None, policy=None):
         tf.random.set_seed(saved_tf)
         for key, value in saved_keras.items():
             global_state.set_global_attribute(key, value)
+
+
+@contextlib.contextmanager
+def no_global_tf_seed():
+    """TensorFlow's global seed unset within the block, restored afterwards.
+
+    For datasets whose random ops take a tensor seed of their own (the stream path's
+    per-epoch shuffle): traced with a global seed of 0, TensorFlow's get_seed compares
+    (0, seed_tensor) with (0, 0) and fails on the tensor's truth value; without a global
+    seed the op seed alone decides, so the order depends on cfg.seed only.
+    """
+    saved = context.global_seed()
+    tf.random.set_seed(None)
+    try:
+        yield
+    finally:
+        tf.random.set_seed(saved)

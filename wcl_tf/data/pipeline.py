@@ -57,6 +57,7 @@ their number in the pipeline, so a resumed run continues both sequences.
 import numpy as np
 import tensorflow as tf
 
+from wcl_tf import seeding
 from wcl_tf.data import augment, folder
 from wcl_tf.data.sources import DataError, load_split, pipeline_examples, resize_images
 
@@ -202,7 +203,11 @@ def _stream_order(cfg, images, local_examples, batch_size, steps_per_epoch,
         return tf.data.Dataset.range(passes).flat_map(one_pass).take(per_epoch)
 
     first_epoch, step_in_epoch = divmod(int(initial_step), steps_per_epoch)
-    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_images)
+    # Traced without a global seed: the per-epoch tensor seed alone sets the order (and a
+    # global seed of 0 would make TensorFlow test the tensor seed's truth value).
+    with seeding.no_global_tf_seed():
+        ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(
+            epoch_images)
     ds = ds.skip(step_in_epoch * per_step)
     return ds.enumerate(start=int(initial_step) * per_step)
 
