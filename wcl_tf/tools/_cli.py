@@ -1,5 +1,6 @@
 """Runs a tool's absl main the same way from every entry point."""
 
+import os
 import sys
 
 from absl import app, flags
@@ -23,4 +24,17 @@ def run(main, module_name):
         if name.startswith(TOOLS_PACKAGE):
             for flag in module_flags:
                 flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+    """absl's parsing after expanding --config=NAME (a packaged config such as
+    r50_linear) and nested --flagfile lines, as wcl_tf.train does."""
+    from wcl_tf import flagfiles  # pylint: disable=import-outside-toplevel
+
+    try:
+        argv = argv[:1] + flagfiles.expand_args(argv[1:])
+    except flagfiles.FlagfileError as err:
+        print(f"{os.path.basename(argv[0])}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return app.parse_flags_with_usage(argv)
