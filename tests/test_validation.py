@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from wcl_tf import training
+from wcl_tf import run_folder, training
 from wcl_tf.config import Config, ConfigError
 from wcl_tf.data.sources import DataError
 
@@ -131,7 +131,7 @@ def test_model_dir_not_writable(tmp_path):
 
 def test_not_enough_disk_for_checkpoints(tmp_path, monkeypatch):
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(training.shutil, "disk_usage", lambda _: usage(10**9, 10**9, 1000))
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda _: usage(10**9, 10**9, 1000))
     cfg = _small(tmp_path)
     with pytest.raises(ConfigError, match="not enough free disk.*MiB per checkpoint.*"
                                           "--keep_checkpoints"):

@@ -33,7 +33,6 @@ without training (use a new model_dir to train again).
 
 import json
 import math
-import shutil  # noqa: F401  Reached by run_folder.free_bytes; tests patch shutil.disk_usage.
 import time
 
 import keras

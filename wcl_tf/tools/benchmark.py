@@ -42,7 +42,7 @@ flags.DEFINE_bool("jit_compile", False, "step / profile: compile the train step 
 flags.DEFINE_list("sizes", ["256", "1024", "4096", "16384"], "weak_labels: batch sizes n.")
 flags.DEFINE_integer("dim", 128, "weak_labels: embedding size.")
 flags.DEFINE_string("dataset", "cifar10", "pipeline: dataset.")
-flags.DEFINE_string("data_dir", "../shared/tfds", "pipeline: TFDS folder.")
+flags.DEFINE_string("data_dir", None, "pipeline / ratio: TFDS folder (default: TFDS's own).")
 flags.DEFINE_integer("batch_size", 256, "pipeline: batch size.")
 flags.DEFINE_string("augment", "project", "pipeline: 'project' (wcl_tf.data) or "
                     "'keras_cv' (an all-keras-cv two-view recipe, for comparison).")
