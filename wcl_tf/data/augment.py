@@ -124,7 +124,7 @@ def _per_image(values):
     return tf.reshape(values, [-1, 1, 1, 1])
 
 
-def _apply_with_prob(prob, seed, augmented, images):
+def apply_with_prob(prob, seed, augmented, images):
     """Per image: `augmented` with probability prob, else `images`."""
     chosen = _uniform([tf.shape(images)[0]], seed, 0.0, 1.0) < prob
     return tf.where(_per_image(chosen), augmented, images)
@@ -466,14 +466,14 @@ class ViewAugmenter:
                                          spec.crop_ratio, crop_seed)
         jittered = color_jitter(images, spec.brightness, spec.contrast, spec.saturation,
                                 spec.hue, jitter_seed)
-        images = _apply_with_prob(spec.jitter_prob, jitter_p_seed, jittered, images)
-        images = _apply_with_prob(spec.grayscale_prob, gray_p_seed, self._grayscale(images),
+        images = apply_with_prob(spec.jitter_prob, jitter_p_seed, jittered, images)
+        images = apply_with_prob(spec.grayscale_prob, gray_p_seed, self._grayscale(images),
                                   images)
         if self.blur:
             sigma = _uniform([tf.shape(images)[0]], sigma_seed, *BLUR_SIGMA)
-            images = _apply_with_prob(spec.blur_prob, blur_p_seed,
+            images = apply_with_prob(spec.blur_prob, blur_p_seed,
                                       gaussian_blur(images, self._blur_kernel, sigma), images)
-        images = _apply_with_prob(0.5, flip_seed, tf.reverse(images, axis=[2]), images)
+        images = apply_with_prob(0.5, flip_seed, tf.reverse(images, axis=[2]), images)
         images = tf.clip_by_value(images, 0.0, 1.0)
         images.set_shape([images_uint8.shape[0], self.output_size, self.output_size, 3])
         return images

@@ -59,7 +59,8 @@ import tensorflow as tf
 
 from wcl_tf import seeding
 from wcl_tf.data import augment, folder
-from wcl_tf.data.sources import DataError, load_split, pipeline_examples, resize_images
+from wcl_tf.data.sources import (DataError, load_split, pipeline_examples,
+                                  resize_uint8)
 
 # Training images of one fixed size are decoded once into memory when they take at most
 # this (the whole split, on every host: each input pipeline draws from all of it).
@@ -90,11 +91,6 @@ def use_strong_augmentation(step, steps_per_epoch, weak_aug_epochs):
     return epoch >= tf.cast(weak_aug_epochs, tf.int64)
 
 
-def _resize_uint8(image, image_size):
-    resized = resize_images(image, image_size)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
-
-
 def _training_source(cfg, input_context=None):
     """The training split as one of three kinds, in a fixed order of its own:
 
@@ -122,7 +118,7 @@ def _training_source(cfg, input_context=None):
     stored = source_shape if source_shape != (image_size, image_size, 3) else None
     if stored is None:
         stored = (image_size, image_size, 3)
-        ds = ds.map(lambda image, label: (_resize_uint8(image, image_size), label),
+        ds = ds.map(lambda image, label: (resize_uint8(image, image_size), label),
                     num_parallel_calls=tf.data.AUTOTUNE)
     if None not in stored and num_examples * int(np.prod(stored)) <= _CACHE_LIMIT_BYTES:
         images = np.empty((num_examples, *stored), np.uint8)
@@ -302,7 +298,7 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
             ds = ds.map(lambda number, index: crop_image(number, fetch(index)),
                         num_parallel_calls=tf.data.AUTOTUNE)
     elif fetch is None:
-        ds = ds.map(lambda number, image: _resize_uint8(image, image_size),
+        ds = ds.map(lambda number, image: resize_uint8(image, image_size),
                     num_parallel_calls=tf.data.AUTOTUNE)
     else:  # In-memory, already S x S.
         ds = ds.map(lambda number, index: fetch(index), num_parallel_calls=tf.data.AUTOTUNE)
@@ -372,7 +368,7 @@ def save_view_grid(cfg, path, num_images=8):
 
     ds, _, _ = load_split(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.download,
                           num_images, cfg.seed, on_bad_image=cfg.on_bad_image)
-    images = next(iter(ds.map(lambda image, label: _resize_uint8(image, cfg.image_size))
+    images = next(iter(ds.map(lambda image, label: resize_uint8(image, cfg.image_size))
                        .batch(num_images)))
     seed = tf.constant([cfg.seed, 0], tf.int64)
     view_1, view_2 = augment.two_views(images, True, cfg.image_size, blur=cfg.blur, seed=seed)

@@ -226,6 +226,12 @@ def resize_images(images, image_size):
     return tf.image.resize(images, [image_size, image_size], method="bilinear")
 
 
+def resize_uint8(images, image_size):
+    """resize_images, rounded back to uint8."""
+    resized = resize_images(images, image_size)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
 def load_arrays(dataset, split, image_size, data_dir=None, download=False, max_examples=0,
                 on_bad_image="skip"):
     """The whole split as arrays, for small kNN / linear evaluations (the training-time kNN

@@ -335,7 +335,7 @@ def bench_ops():
             x, spec.brightness, spec.contrast, spec.saturation, spec.hue, seed),
         "grayscale": lambda x: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 1, 3]),
         "Gaussian blur (all images)": lambda x: augment.gaussian_blur(x, kernel, sigma),
-        "horizontal flip": lambda x: augment._apply_with_prob(
+        "horizontal flip": lambda x: augment.apply_with_prob(
             0.5, seed, tf.reverse(x, axis=[2]), x),
     }
     layers = {
@@ -380,7 +380,7 @@ def bench_pipeline():
         ds = pipeline.make_pretrain_dataset(cfg, FLAGS.batch_size)
     else:
         raw, _, _ = sources.load_split(cfg.dataset, cfg.train_split, cfg.data_dir)
-        ds = (raw.map(lambda x, y: pipeline._resize_uint8(x, cfg.image_size)).cache().repeat()
+        ds = (raw.map(lambda x, y: sources.resize_uint8(x, cfg.image_size)).cache().repeat()
               .batch(FLAGS.batch_size, drop_remainder=True)
               .map(_keras_cv_two_views(cfg.image_size, cfg.blur),
                    num_parallel_calls=tf.data.AUTOTUNE)
