@@ -16,6 +16,8 @@ GATHER_GRAD = ("full", "local")
 LR_SCALING = ("sqrt", "linear")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 ON_BAD_IMAGE = ("skip", "fail")
+# Where the photometric augmentation runs (wcl_tf.data.augment.augment_on_device).
+AUGMENT_ON = ("auto", "host", "device")
 
 
 class ConfigError(ValueError):
@@ -86,6 +88,9 @@ class Config:
     # Augmentation.
     weak_aug_epochs: int = 10
     blur: bool = False
+    # "host": the whole recipe in tf.data; "device": crops on the host, the rest in
+    # train_step (wcl_tf.data.augment_layers); "auto": device when a GPU/TPU is present.
+    augment_on: str = "auto"
 
     # KNN multi-crop (WCL_SPEC section 3): M local crops of L px per image, the K most
     # similar to the image's global embedding are kept; mu weighs their losses.
@@ -182,6 +187,8 @@ class Config:
              f"keep_checkpoints must be >= 0 (0: keep all), got {self.keep_checkpoints}.")
         need(self.on_bad_image in ON_BAD_IMAGE,
              f"on_bad_image must be 'skip' or 'fail', got {self.on_bad_image!r}.")
+        need(self.augment_on in AUGMENT_ON,
+             f"augment_on must be one of {AUGMENT_ON}, got {self.augment_on!r}.")
         need(self.skip_nonfinite_steps >= 0,
              f"skip_nonfinite_steps must be >= 0 (0: stop at the first non-finite loss), "
              f"got {self.skip_nonfinite_steps}.")

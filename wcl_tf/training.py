@@ -46,7 +46,7 @@ from wcl_tf import seeding
 from wcl_tf import strategy as strategy_lib
 from wcl_tf import config as config_lib
 from wcl_tf.config import ConfigError
-from wcl_tf.data import augment, folder, pipeline, sources
+from wcl_tf.data import augment, augment_layers, folder, pipeline, sources
 from wcl_tf.models.wcl_model import build_wcl_model
 
 # The run folder's names and readers, kept here for callers of this module.
@@ -189,7 +189,8 @@ def build(cfg, strategy, steps_per_epoch):
             temperature=cfg.temperature, graph_loss_weight=cfg.graph_loss_weight,
             gather_grad=cfg.gather_grad, graph_key_grad=cfg.graph_key_grad,
             image_size=cfg.image_size,
-            knn_crops=cfg.knn_crops, local_loss_weight=cfg.local_loss_weight)
+            knn_crops=cfg.knn_crops, local_loss_weight=cfg.local_loss_weight,
+            view_augmentation=device_augmentation(cfg))
         optimizer = optimizers.build_optimizer(cfg, steps_per_epoch)
         if cfg.precision == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -197,6 +198,16 @@ def build(cfg, strategy, steps_per_epoch):
     # The schedule's epoch length: model.fit uses it unless told otherwise.
     model.steps_per_epoch = steps_per_epoch
     return model
+
+
+def device_augmentation(cfg):
+    """The model's ViewAugmentation when cfg.augment_on resolves to the device (the input
+    pipeline then yields uint8 crops), else None."""
+    if not augment.augment_on_device(cfg.augment_on):
+        return None
+    return augment_layers.ViewAugmentation(
+        cfg.image_size, cfg.local_crop_size if cfg.num_local_crops else None, blur=cfg.blur,
+        seed=cfg.seed, weak_aug_epochs=cfg.weak_aug_epochs, name="view_augmentation")
 
 
 def restore(model, path, strategy):

@@ -54,6 +54,8 @@ import functools
 import keras_cv
 import tensorflow as tf
 
+from wcl_tf.config import AUGMENT_ON
+
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
 # Random resized crop: candidate boxes drawn per image before falling back to the
@@ -370,7 +372,7 @@ def _shift_hue(images, shift):
     return tf.clip_by_value(rgb, 0.0, 1.0)
 
 
-def color_jitter(images, brightness, contrast, saturation, hue, seed):
+def color_jitter(images, brightness, contrast, saturation, hue, seed, static_shapes=False):
     """torchvision ColorJitter on (b, H, W, 3) floats in [0, 1], per image.
 
     Factors: brightness U(1 - b, 1 + b), contrast U(1 - c, 1 + c), saturation
@@ -380,6 +382,10 @@ def color_jitter(images, brightness, contrast, saturation, hue, seed):
     gray level): at each of the 4 steps every image does one blend, with factor 1
     when its operation for the step is the hue shift; the hue shift (the expensive
     HSV round trip) runs only on the images whose operation it is.
+
+    static_shapes=True (XLA, TPU: no data-dependent shapes): every image goes through
+    the HSV round trip at each step, with a shift of 0 except at its hue step; the same
+    values up to float rounding (the round trip is not bit-exact), 4x the HSV work.
     """
     b = tf.shape(images)[0]
     b_seed, c_seed, s_seed, h_seed, order_seed = _split(seed, 5)
@@ -400,6 +406,9 @@ def color_jitter(images, brightness, contrast, saturation, hue, seed):
         target = (_per_image(tf.cast(op == 1, tf.float32)) * mean
                   + _per_image(tf.cast(op == 2, tf.float32)) * gray)  # 0 for brightness
         images = tf.clip_by_value(factor * images + (1.0 - factor) * target, 0.0, 1.0)
+        if static_shapes:  # Every image through HSV, shifted by 0 unless its step.
+            images = _shift_hue(images, tf.where(op == 3, hue_shift, 0.0))
+            continue
         rows = tf.where(op == 3)  # (k, 1)
         shifted = _shift_hue(tf.gather_nd(images, rows), tf.gather_nd(hue_shift, rows))
         images = tf.tensor_scatter_nd_update(images, rows, shifted)
@@ -432,6 +441,63 @@ def blur_kernel_size(image_size):
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
 
+def photometric(images, spec, seed, blur_kernel=None, grayscale=None, static_shapes=False):
+    """Everything of the recipe after the crop, on float (b, S, S, 3) images in [0, 1]:
+    colour jitter (p = spec.jitter_prob), grayscale (spec.grayscale_prob), Gaussian blur
+    (spec.blur_prob, only when blur_kernel is an odd size), horizontal flip (0.5).
+
+    seed: (2,) int tensor; it is split exactly as ViewAugmenter splits a view's seed (the
+    first part is the crop's), so the same crops and seed give the same view whether this
+    runs in tf.data (host) or inside train_step (device, wcl_tf.data.augment_layers).
+    grayscale: a callable (b, S, S, 3) -> (b, S, S, 3); keras-cv's Grayscale by default.
+    static_shapes: see color_jitter (for XLA-compiled steps and TPUs).
+    Returns float32 (b, S, S, 3) in [0, 1].
+    """
+    (_, jitter_seed, jitter_p_seed, gray_p_seed, blur_p_seed, sigma_seed,
+     flip_seed) = _split(seed, 7)
+    images = tf.cast(images, tf.float32)
+    jittered = color_jitter(images, spec.brightness, spec.contrast, spec.saturation,
+                            spec.hue, jitter_seed, static_shapes=static_shapes)
+    images = apply_with_prob(spec.jitter_prob, jitter_p_seed, jittered, images)
+    grayscale = grayscale or grayscale_layer()
+    images = apply_with_prob(spec.grayscale_prob, gray_p_seed, grayscale(images), images)
+    if blur_kernel:
+        sigma = _uniform([tf.shape(images)[0]], sigma_seed, *BLUR_SIGMA)
+        images = apply_with_prob(spec.blur_prob, blur_p_seed,
+                                 gaussian_blur(images, blur_kernel, sigma), images)
+    images = apply_with_prob(0.5, flip_seed, tf.reverse(images, axis=[2]), images)
+    return tf.clip_by_value(images, 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def grayscale_layer():
+    # keras-cv's Grayscale computes torchvision's luma (ITU-R 601) and is as fast as
+    # plain TF here (see the table above); float32 whatever the global policy.
+    return keras_cv.layers.Grayscale(output_channels=3, dtype="float32")
+
+
+def augment_on_device(augment_on):
+    """Whether the photometric augmentation runs in train_step: "device" yes, "host" no,
+    "auto" where TensorFlow sees a GPU or TPU (on a CPU the host path is as fast and
+    keeps the replicated step free of it)."""
+    if augment_on not in AUGMENT_ON:
+        raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {augment_on!r}")
+    if augment_on == "auto":
+        return bool(tf.config.list_logical_devices("GPU")
+                    or tf.config.list_logical_devices("TPU"))
+    return augment_on == "device"
+
+
+def view_crop(images_uint8, spec, seed, output_size):
+    """The crop of a view: random_resized_crop of (b, S, S, 3) images with the crop part of
+    a view's seed (as ViewAugmenter draws it); float32 (b, output_size, output_size, 3) in
+    [0, 1]."""
+    crop_seed = _split(seed, 7)[0]
+    images = tf.cast(images_uint8, tf.float32) / 255.0
+    return random_resized_crop(images, output_size, spec.crop_scale, spec.crop_ratio,
+                               crop_seed)
+
+
 class ViewAugmenter:
     """Makes one augmented view of a batch: `augmenter(images_uint8, spec, seed)`.
 
@@ -447,36 +513,34 @@ class ViewAugmenter:
         # Side of the produced views; smaller than image_size for multi-crop local crops.
         self.output_size = int(output_size or image_size)
         self.blur = bool(blur)
-        # float32 whatever the global mixed-precision policy.
-        self._grayscale = keras_cv.layers.Grayscale(output_channels=3, dtype="float32")
-        self._blur_kernel = blur_kernel_size(self.output_size)
+        self._blur_kernel = blur_kernel_size(self.output_size) if self.blur else None
 
-    def __call__(self, images_uint8, spec, seed, crop=True):
-        """crop=False: the images are crops already (crops_of_image), of the output size;
-        everything after the crop is applied."""
-        size = self.image_size if crop else self.output_size
-        if tuple(images_uint8.shape[1:]) != (size, size, 3):
+    def _check(self, images, size):
+        if tuple(images.shape[1:]) != (size, size, 3):
             raise ValueError(f"ViewAugmenter(image_size={size}) expects (b, {size}, {size}, 3) "
-                             f"images, got {images_uint8.shape}: resize before batching.")
-        (crop_seed, jitter_seed, jitter_p_seed, gray_p_seed, blur_p_seed, sigma_seed,
-         flip_seed) = _split(seed, 7)
-        images = tf.cast(images_uint8, tf.float32) / 255.0
+                             f"images, got {images.shape}: resize before batching.")
+
+    def __call__(self, images_uint8, spec, seed, crop=True, static_shapes=False):
+        """crop=False: the images are crops already (crops_of_image), of the output size;
+        everything after the crop is applied. static_shapes: see color_jitter."""
+        self._check(images_uint8, self.image_size if crop else self.output_size)
         if crop:
-            images = random_resized_crop(images, self.output_size, spec.crop_scale,
-                                         spec.crop_ratio, crop_seed)
-        jittered = color_jitter(images, spec.brightness, spec.contrast, spec.saturation,
-                                spec.hue, jitter_seed)
-        images = apply_with_prob(spec.jitter_prob, jitter_p_seed, jittered, images)
-        images = apply_with_prob(spec.grayscale_prob, gray_p_seed, self._grayscale(images),
-                                  images)
-        if self.blur:
-            sigma = _uniform([tf.shape(images)[0]], sigma_seed, *BLUR_SIGMA)
-            images = apply_with_prob(spec.blur_prob, blur_p_seed,
-                                      gaussian_blur(images, self._blur_kernel, sigma), images)
-        images = apply_with_prob(0.5, flip_seed, tf.reverse(images, axis=[2]), images)
-        images = tf.clip_by_value(images, 0.0, 1.0)
+            images = view_crop(images_uint8, spec, seed, self.output_size)
+        else:
+            images = tf.cast(images_uint8, tf.float32) / 255.0
+        images = photometric(images, spec, seed, self._blur_kernel,
+                             static_shapes=static_shapes)
         images.set_shape([images_uint8.shape[0], self.output_size, self.output_size, 3])
         return images
+
+    def crop_only(self, images_uint8, spec, seed):
+        """The view's crop alone, rounded to uint8 (b, output_size, output_size, 3): what
+        the host hands the device when photometric augmentation runs in train_step."""
+        self._check(images_uint8, self.image_size)
+        crops = view_crop(images_uint8, spec, seed, self.output_size)
+        crops = tf.cast(tf.clip_by_value(tf.round(crops * 255.0), 0.0, 255.0), tf.uint8)
+        crops.set_shape([images_uint8.shape[0], self.output_size, self.output_size, 3])
+        return crops
 
 
 @functools.lru_cache(maxsize=None)
@@ -537,27 +601,62 @@ def multi_crop_views(images_uint8, strong, image_size, num_local, local_size,
 
 
 def cropped_views(crops, strong, image_size, local_size=None, blur=False, seed=None,
-                  strong_spec=STRONG, weak_spec=WEAK):
+                  strong_spec=STRONG, weak_spec=WEAK, static_shapes=False):
     """The rest of the recipe (jitter, grayscale, blur, flip) on views already cropped from
     the full-resolution images (crops_of_image, in the input pipeline).
 
     crops: {"view_1", "view_2": uint8 (b, S, S, 3)[, "local": uint8 (b, M, L, L, 3)]}.
     Returns the same keys as float32 in [0, 1], like two_views / multi_crop_views.
+    static_shapes: see color_jitter (train_step under XLA or on a TPU).
     """
     if seed is None:
         seed = tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
     spec = select_spec(strong, strong_spec, weak_spec)
     augmenter = view_augmenter(int(image_size), bool(blur))
     seed_1, seed_2, seed_3 = _split(seed, 3)
-    views = {"view_1": augmenter(crops["view_1"], spec, seed_1, crop=False),
-             "view_2": augmenter(crops["view_2"], spec, seed_2, crop=False)}
+    views = {"view_1": augmenter(crops["view_1"], spec, seed_1, crop=False,
+                                 static_shapes=static_shapes),
+             "view_2": augmenter(crops["view_2"], spec, seed_2, crop=False,
+                                 static_shapes=static_shapes)}
     if "local" in crops:
         local = crops["local"]
         b, m = tf.shape(local)[0], local.shape[1]
         flat = tf.reshape(local, [-1, local_size, local_size, 3])
         out = local_augmenter(int(image_size), int(local_size), bool(blur))(
-            flat, spec, seed_3, crop=False)
+            flat, spec, seed_3, crop=False, static_shapes=static_shapes)
         views["local"] = tf.reshape(out, [b, m, local_size, local_size, 3])
         if local.shape[0] is not None:
             views["local"].set_shape([local.shape[0], m, local_size, local_size, 3])
     return views
+
+
+def view_crops(images_uint8, strong, image_size, seed, num_local=0, local_size=None,
+               global_scale=None, local_scale=(0.05, 0.14), strong_spec=STRONG,
+               weak_spec=WEAK):
+    """Only the crops of two_views (num_local=0) or multi_crop_views (num_local > 0), with
+    their seeds, rounded to uint8: {"view_1", "view_2": (b, S, S, 3)[, "local":
+    (b, M, L, L, 3)]}. The host side of the device recipe for S x S images; the rest
+    (cropped_views) runs in train_step. global_scale: multi-crop's global crop scale
+    (None: the recipe's)."""
+    spec = select_spec(strong, strong_spec, weak_spec)
+    b = tf.shape(images_uint8)[0]
+    if num_local:
+        seed_1, seed_2, seed_3 = _split(seed, 3)
+        global_spec = dataclasses.replace(
+            spec, crop_scale=tuple(tf.constant(x, tf.float32) for x in global_scale))
+        local_spec = dataclasses.replace(
+            spec, crop_scale=tuple(tf.constant(x, tf.float32) for x in local_scale))
+    else:
+        seed_1, seed_2 = _split(seed, 2)
+        global_spec = spec
+    augmenter = view_augmenter(int(image_size))
+    crops = {"view_1": augmenter.crop_only(images_uint8, global_spec, seed_1),
+             "view_2": augmenter.crop_only(images_uint8, global_spec, seed_2)}
+    if num_local:
+        local = local_augmenter(int(image_size), int(local_size)).crop_only(
+            tf.repeat(images_uint8, num_local, axis=0), local_spec, seed_3)
+        crops["local"] = tf.reshape(local, [b, num_local, local_size, local_size, 3])
+        if images_uint8.shape[0] is not None:
+            crops["local"].set_shape([images_uint8.shape[0], num_local, local_size,
+                                      local_size, 3])
+    return crops

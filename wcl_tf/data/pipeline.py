@@ -42,8 +42,12 @@ RandomResizedCrop does (a crop of the original, resized to S; never a stretched 
        decode), other formats are decoded whole
     -> batch -> cropped_views per batch (jitter, grayscale, blur, flip) -> prefetch
 
-Augmentation happens here, in tf.data, never inside the replicated train step
-(WCL_SPEC section 2). One input pipeline feeds R = num_replicas_in_sync /
+With cfg.augment_on = "device" (augment.augment_on_device) each path stops after the
+crops: batches hold the views' uint8 crops, and the model's ViewAugmentation
+(wcl_tf/data/augment_layers.py) does the rest inside the train step, seeded per replica
+and step, so no two replicas draw alike (the trap WCL_SPEC section 2 warns of: a random
+generator drawn inside a replicated step gives every replica the same numbers). Otherwise
+all augmentation happens here, in tf.data. One input pipeline feeds R = num_replicas_in_sync /
 num_input_pipelines replicas, giving consecutive batches to consecutive replicas
 (MirroredStrategy on one host: batches 0 and 1 are step 0 of replicas 0 and 1), so
 batch k of a pipeline made with initial_step s is global step s + k // R and belongs to
@@ -211,7 +215,9 @@ def _stream_order(cfg, images, local_examples, batch_size, steps_per_epoch,
 def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=None,
                           strong_spec=augment.STRONG, weak_spec=augment.WEAK, initial_step=0):
     """Endless dataset of {"view_1", "view_2"}: float32 (batch_size, S, S, 3) in [0, 1],
-    plus "local": (batch_size, M, L, L, 3) when cfg.num_local_crops = M > 0.
+    plus "local": (batch_size, M, L, L, 3) when cfg.num_local_crops = M > 0. With
+    cfg.augment_on resolving to the device (augment.augment_on_device): the same keys
+    holding only the views' crops, uint8, for the model's ViewAugmentation.
 
     batch_size: this pipeline's batch (per replica under a strategy). input_context: a
     tf.distribute.InputContext; each of several input pipelines takes its own share of
@@ -259,6 +265,8 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
                                        cfg.weak_aug_epochs)
 
     multi_crop = cfg.num_local_crops > 0
+    # augment_on="device": the batches are the uint8 crops, the model does the rest.
+    on_device = augment.augment_on_device(cfg.augment_on)
 
     def crop_image(number, image):
         # Seeds per (pipeline, image), a stream apart from the per-batch seeds below;
@@ -317,9 +325,17 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
             crops = {"view_1": images["views"][:, 0], "view_2": images["views"][:, 1]}
             if "local" in images:
                 crops["local"] = images["local"]
+            if on_device:  # The rest runs in train_step (augment_layers.ViewAugmentation).
+                return crops
             return augment.cropped_views(crops, strong, image_size, cfg.local_crop_size,
                                          blur=cfg.blur, seed=seed, strong_spec=strong_spec,
                                          weak_spec=weak_spec)
+        if on_device:
+            return augment.view_crops(
+                images, strong, image_size, seed, num_local=cfg.num_local_crops,
+                local_size=cfg.local_crop_size, global_scale=cfg.global_crop_scale,
+                local_scale=cfg.local_crop_scale, strong_spec=strong_spec,
+                weak_spec=weak_spec)
         if cfg.num_local_crops > 0:
             return augment.multi_crop_views(
                 images, strong, image_size, cfg.num_local_crops, cfg.local_crop_size,

@@ -22,6 +22,7 @@ from wcl_tf.config import GATHER_GRAD
 from wcl_tf import losses
 from wcl_tf import optimizers  # noqa: F401  (registers LARS: compiled .keras files name it)
 from wcl_tf import weak_labels as weak_labels_lib
+from wcl_tf.data import augment_layers  # noqa: F401  (registers ViewAugmentation)
 
 
 def _views(data):
@@ -76,11 +77,16 @@ class WCLModel(keras.Model):
         none and the step is exactly the two-view step. Batches then carry "local":
         (b, M, L, L, 3) with M >= K.
       local_loss_weight: mu, weight of the kept crops' losses.
+      view_augmentation: None (batches hold augmented float views), or a
+        wcl_tf.data.augment_layers.ViewAugmentation: batches hold the views' uint8 crops
+        (augment_on="device") and each replica augments its own at the start of the step,
+        seeded by (its seed, optimizer step, replica id). Needs steps_per_epoch.
     """
 
     def __init__(self, backbone, instance_head, graph_head, temperature=0.1,
                  graph_loss_weight=1.0, gather_grad="full", knn_crops=0,
-                 local_loss_weight=1.0, graph_key_grad=False, **kwargs):
+                 local_loss_weight=1.0, graph_key_grad=False, view_augmentation=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if gather_grad not in GATHER_GRAD:
             raise ValueError(f"gather_grad must be one of {GATHER_GRAD}, got {gather_grad!r}")
@@ -93,6 +99,7 @@ class WCLModel(keras.Model):
         self.graph_key_grad = bool(graph_key_grad)
         self.knn_crops = int(knn_crops)
         self.local_loss_weight = float(local_loss_weight)
+        self.view_augmentation = view_augmentation
         names = ["loss", "instance_loss", "graph_loss", "instance_acc", "num_components"]
         if self.knn_crops:
             names += list(_LOCAL_METRICS)
@@ -312,7 +319,31 @@ class WCLModel(keras.Model):
             kwargs["steps_per_epoch"] = self.steps_per_epoch
         return super().fit(*args, **kwargs)
 
+    def augment_views(self, data):
+        """The step's batch with the device-side augmentation applied (view_augmentation;
+        the batch unchanged without it): each replica draws from (seed, optimizer step,
+        replica_id_in_sync_group), so replicas never share views and a resumed run
+        continues the sequence. Static shapes under XLA (jit_compile) and on TPUs."""
+        if self.view_augmentation is None:
+            return data
+        if not self.steps_per_epoch:
+            raise ValueError(
+                "augment_on='device' needs the model's steps_per_epoch (the weak-to-strong "
+                "switch counts epochs): build the model with wcl_tf.build_model(cfg) or set "
+                "model.steps_per_epoch.")
+        x1, x2, local = _views(data)
+        views = {"view_1": x1, "view_2": x2}
+        if local is not None:
+            views["local"] = local
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        static = bool(getattr(self, "jit_compile", False)) or isinstance(
+            tf.distribute.get_strategy(), tf.distribute.TPUStrategy)
+        return self.view_augmentation(views, step=self.optimizer.iterations,
+                                      steps_per_epoch=self.steps_per_epoch,
+                                      replica_id=replica, static_shapes=static)
+
     def train_step(self, data):
+        data = self.augment_views(data)
         with tf.GradientTape() as tape:
             loss_share, logs = self.compute_objective(data, training=True)
             scaled = self.optimizer.scale_loss(loss_share)
@@ -327,7 +358,7 @@ class WCLModel(keras.Model):
         return _multi_worker_logs(self._update_metrics(logs, counted_ok))
 
     def test_step(self, data):
-        _, logs = self.compute_objective(data, training=False)
+        _, logs = self.compute_objective(self.augment_views(data), training=False)
         return _multi_worker_logs(self._update_metrics(logs))
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -374,6 +405,8 @@ class WCLModel(keras.Model):
             "knn_crops": self.knn_crops,
             "local_loss_weight": self.local_loss_weight,
             "graph_key_grad": self.graph_key_grad,
+            "view_augmentation": (None if self.view_augmentation is None else
+                                  keras.saving.serialize_keras_object(self.view_augmentation)),
         })
         return config
 
@@ -382,13 +415,16 @@ class WCLModel(keras.Model):
         config = dict(config)
         for key in ("backbone", "instance_head", "graph_head"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
+        if config.get("view_augmentation") is not None:
+            config["view_augmentation"] = keras.saving.deserialize_keras_object(
+                config["view_augmentation"])
         return cls(**config)
 
 
 def build_wcl_model(backbone="small_cnn", head_hidden_dim=2048, head_output_dim=128,
                     sync_bn=False, width=64, temperature=0.1, graph_loss_weight=1.0,
                     gather_grad="full", image_size=None, knn_crops=0, local_loss_weight=1.0,
-                    graph_key_grad=False):
+                    graph_key_grad=False, view_augmentation=None):
     """A WCLModel with a named backbone and two 3-layer projection heads.
 
     Call inside `strategy.scope()` when training distributed.
@@ -411,6 +447,7 @@ def build_wcl_model(backbone="small_cnn", head_hidden_dim=2048, head_output_dim=
         knn_crops=knn_crops,
         local_loss_weight=local_loss_weight,
         graph_key_grad=graph_key_grad,
+        view_augmentation=view_augmentation,
         name="wcl_model",
     )
     if image_size:
