@@ -1,4 +1,5 @@
-"""The benchmark tool runs and writes its JSON (a smoke test: no timing is asserted)."""
+"""The benchmark tool runs and writes its JSON (a smoke test: no timing is asserted), and
+reads the training flags as wcl_tf.train reads them."""
 
 import json
 import os
@@ -19,6 +20,34 @@ def _run(tmp_path, *args):
     return json.loads(out.read_text()), proc.stdout
 
 
+def _config_json(module, code, flagfile):
+    """Config.to_dict() printed by `code` after absl parsed --flagfile=flagfile into the
+    flags of `module` (wcl_tf.train or wcl_tf.tools.benchmark); no TensorFlow starts."""
+    script = (f"import json, sys; from absl import flags; from wcl_tf import flagfiles; "
+              f"import {module} as m; "
+              f"flags.FLAGS(['x', *flagfiles.expand_args(['--flagfile={flagfile}'])]); "
+              f"print(json.dumps({code}))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_a_flagfile_means_to_the_benchmark_what_it_means_to_training(tmp_path):
+    # r50 turns blur on; the old hand-written parser read --sync_bn=auto as False and
+    # ignored --noblur.
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text("--config=r50\n--sync_bn=auto\n--noblur\n--image_size=64\n")
+    trained = _config_json("wcl_tf.train", "m.config_from_flags().to_dict()", flagfile)
+    assert trained["sync_bn"] is None and trained["blur"] is False
+    assert trained["backbone"] == "resnet50" and trained["image_size"] == 64
+    # On the benchmark's command line (step, pipeline, ...) and as one of ratio's --configs.
+    command_line, listed = _config_json(
+        "wcl_tf.tools.benchmark",
+        f"[m.train_config().to_dict(), m.train_config('{flagfile}').to_dict()]", flagfile)
+    assert command_line == trained and listed == trained
+
+
 def test_weak_label_benchmark(tmp_path):
     result, stdout = _run(tmp_path, "weak_labels", "--sizes=64,128", "--dim=8")
     assert [r["n"] for r in result["rows"]] == [64, 128]
@@ -28,9 +57,10 @@ def test_weak_label_benchmark(tmp_path):
 def test_step_benchmark_with_local_crops(tmp_path):
     result, _ = _run(tmp_path, "step", "--backbone=small_cnn", "--width=4", "--batch_sizes=8",
                      "--image_size=16", "--head_hidden_dim=16", "--head_output_dim=8",
-                     "--num_local_crops=2", "--local_crop_size=8")
+                     "--num_local_crops=2", "--knn_crops=2", "--local_crop_size=8")
     row = result["rows"][0]
-    assert row["batch"] == 8 and row["local_crops"] == 2 and row["pairs_per_s"] > 0
+    assert row["batch"] == 8 and row["local_crops"] == 2 and row["kept_local_crops"] == 2
+    assert row["pairs_per_s"] > 0
 
 
 def test_profile_attributes_op_time_to_parts(tmp_path):

@@ -14,6 +14,8 @@ def _tool(*args):
 
 
 def test_tool_reads_a_packaged_config_and_later_flags_override_it():
+    # _cli._parse_flags is private to the tools, but it is exactly the parse every tool's
+    # main runs; calling it shows the parsed values without running an evaluation.
     code = ("from absl import flags; from wcl_tf.tools import _cli, linear_eval; "
             "_cli._parse_flags(['linear_eval', '--config=r50_linear', '--epochs=3']); "
             "F = flags.FLAGS; print(F.mode, F.epochs, F.lr, F.batch_size)")

@@ -9,8 +9,7 @@ directory), so the shipped configs and a user's own flagfiles work from any dire
 Lines are read as absl reads them: blank lines and lines starting with '#' or '//' are
 skipped, every other line is one argument, stripped.
 
-This module reads files only, never flags: the tools that parse train flagfiles
-(tools/benchmark.py) import it without defining the training flags.
+This module reads files only, never flags (wcl_tf.train and the tools read them).
 """
 
 import os

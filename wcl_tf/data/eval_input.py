@@ -179,7 +179,7 @@ def same_protocol_in_memory(dataset, image_size, data_dir=None):
     if folder.is_folder_dataset(dataset):
         return False
     try:
-        builder = sources._tfds_builder(dataset, data_dir)  # pylint: disable=protected-access
+        builder = sources.tfds_builder(dataset, data_dir)
         features = builder.info.features
         key = "image" if "image" in features else None
         shape = tuple(features[key].shape) if key else ()

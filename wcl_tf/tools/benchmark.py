@@ -1,12 +1,23 @@
 """Speed and memory of wcl_tf: train step, weak-label step, input pipeline.
 
     python -m wcl_tf.tools.benchmark step --backbone=resnet18_cifar --batch_sizes=32,128
+    python -m wcl_tf.tools.benchmark step --config=cifar10_r18 --batch_sizes=32
     python -m wcl_tf.tools.benchmark weak_labels --sizes=256,1024,4096,16384
-    python -m wcl_tf.tools.benchmark pipeline --image_size=32 --batch_size=256
-    python -m wcl_tf.tools.benchmark pipeline --num_local_crops=4 --local_crop_size=16
+    python -m wcl_tf.tools.benchmark pipeline --dataset=cifar10 --image_size=32 --batch_size=256
+    python -m wcl_tf.tools.benchmark pipeline --config=cifar10_r18_multicrop --batch_size=256
     python -m wcl_tf.tools.benchmark profile --backbone=resnet50 --batch_sizes=32 --image_size=224
     python -m wcl_tf.tools.benchmark ratio --configs=demo,cifar10_r18   # or flagfile paths
     python -m wcl_tf.tools.benchmark ops --image_size=224 --batch_size=32
+
+The run being timed is described by wcl_tf.train's own flags (every Config field:
+--backbone, --image_size, --num_local_crops, --knn_crops, --precision, --sync_bn, --blur,
+...; `python -m wcl_tf.train --helpfull` lists them), parsed by absl into a Config exactly
+as wcl_tf.train parses them: --config=NAME and --flagfile=PATH mean what they mean to
+training, later flags override them. step and profile build the model and optimizer as
+training builds them (on one device, whatever --strategy says); pipeline builds training's
+input pipeline with the strong augmentation from the first batch. ratio reads each of
+--configs as `python -m wcl_tf.train --config=NAME` (or --flagfile=PATH) followed by the
+training flags of this command line (e.g. --data_dir).
 
 Each prints a markdown table and, with --out=FILE.json, writes the numbers. Timings are
 the median of --repeats timed steps after --warmup untimed ones, on whatever machine runs
@@ -14,6 +25,7 @@ it (the header says which). Peak memory is the process's peak resident set size 
 (it includes TensorFlow itself) and the allocator's peak on a GPU.
 """
 
+import dataclasses
 import json
 import os
 import platform
@@ -26,37 +38,77 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
+from wcl_tf import config as config_lib  # noqa: E402
+from wcl_tf import flagfiles  # noqa: E402
+# Defines every Config field as a flag (and --config), as the training command line has
+# them: the benchmark times what those flags mean to training.
+from wcl_tf import train  # noqa: E402
 from wcl_tf.tools import _cli  # noqa: E402
 
-flags.DEFINE_string("backbone", "small_cnn", "step: backbone.")
-flags.DEFINE_integer("width", 32, "step: small_cnn width.")
-flags.DEFINE_list("batch_sizes", ["32"], "step: global batch sizes.")
-flags.DEFINE_integer("image_size", 32, "step / pipeline: image side in pixels.")
-flags.DEFINE_integer("head_hidden_dim", 2048, "step: head hidden width.")
-flags.DEFINE_integer("head_output_dim", 128, "step: head output size.")
-flags.DEFINE_integer("num_local_crops", 0, "step / pipeline: M local crops.")
-flags.DEFINE_integer("local_crop_size", 16, "step / pipeline: local crop side.")
-flags.DEFINE_integer("knn_crops", 0, "step: K kept crops (defaults to M when M > 0).")
-flags.DEFINE_string("precision", "float32", "step: float32, mixed_bfloat16, mixed_float16.")
-flags.DEFINE_bool("jit_compile", False, "step / profile: compile the train step with XLA.")
+flags.DEFINE_list("batch_sizes", [], "step / profile: global batch sizes timed (default: "
+                  "--global_batch_size; profile times the first).")
+flags.DEFINE_bool("jit_compile", None, "step / profile: compile the train step with XLA "
+                  "(default: as training compiles it, Keras' 'auto': XLA on a GPU or TPU, "
+                  "not on a CPU).")
 flags.DEFINE_list("sizes", ["256", "1024", "4096", "16384"], "weak_labels: batch sizes n.")
 flags.DEFINE_integer("dim", 128, "weak_labels: embedding size.")
-flags.DEFINE_string("dataset", "cifar10", "pipeline: dataset.")
-flags.DEFINE_string("data_dir", None, "pipeline / ratio: TFDS folder (default: TFDS's own).")
-flags.DEFINE_integer("batch_size", 256, "pipeline: batch size.")
+flags.DEFINE_integer("batch_size", None, "pipeline / ops: images per batch (default: "
+                     "--global_batch_size).", lower_bound=1)
 flags.DEFINE_string("augment", "project", "pipeline: 'project' (wcl_tf.data) or "
                     "'keras_cv' (an all-keras-cv two-view recipe, for comparison).")
-flags.DEFINE_bool("blur", False, "pipeline: Gaussian blur in the views (the 224-px recipe).")
 flags.DEFINE_list("configs", ["demo", "cifar10_r18", "cifar10_r18_multicrop", "r50",
                               "r50_multicrop"],
                   "ratio: train configs, by name (the shipped ones, as --config=NAME) or as "
                   "flagfile paths.")
+flags.DEFINE_string("stand_in_dataset", "cifar10", "ratio: dataset timed (at the config's "
+                    "image size, from the config's data_dir) when a config's own dataset "
+                    "cannot be loaded.")
 flags.DEFINE_integer("max_step_batch", 128, "ratio: time the step and pipeline at "
                      "min(global batch, this) images.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps first.")
 flags.DEFINE_integer("repeats", 5, "Timed steps.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 FLAGS = flags.FLAGS
+
+
+def train_config(source=None):
+    """The Config wcl_tf.train builds from the same flags.
+
+    source None: this command line (absl has parsed it; --config and --flagfile were
+    expanded in place by _cli, as wcl_tf.train expands them). Otherwise a shipped config's
+    name or a flagfile's path: the Config of `python -m wcl_tf.train --config=NAME` (or
+    `--flagfile=PATH`) followed by the training flags given on this command line. The
+    training flags are parsed for it and then put back as they were.
+    """
+    if source is None:
+        return train.config_from_flags()
+    names = [field.name for field in dataclasses.fields(config_lib.Config)]
+    overrides = [FLAGS[name].serialize() for name in names if FLAGS[name].present]
+    is_name = source in flagfiles.available_configs() and not source.endswith(".flags")
+    args = flagfiles.expand_args(
+        [f"--config={source}" if is_name else f"--flagfile={source}", *overrides])
+    saved = {name: (FLAGS[name].value, FLAGS[name].present, FLAGS[name].using_default_value)
+             for name in names}
+    try:
+        for name in names:
+            FLAGS[name].unparse()
+        extra = FLAGS([sys.argv[0], *args])[1:]
+        if extra:
+            raise flagfiles.FlagfileError(f"{source}: unexpected arguments {extra}: flags "
+                                          "look like --name=value.")
+        return train.config_from_flags()
+    finally:
+        for name, (value, present, using_default) in saved.items():
+            flag = FLAGS[name]
+            flag.value, flag.present, flag.using_default_value = value, present, using_default
+
+
+def _batch_sizes(cfg):
+    return [int(b) for b in FLAGS.batch_sizes] or [cfg.global_batch_size]
+
+
+def _batch_size(cfg):
+    return FLAGS.batch_size or cfg.global_batch_size
 
 
 def _machine():
@@ -87,53 +139,43 @@ def _timed(fn, warmup, repeats):
     return statistics.median(times), times
 
 
-def _step_setup(batch, backbone=None, width=None, image_size=None, head_hidden_dim=None,
-                head_output_dim=None, num_local_crops=None, local_crop_size=None,
-                knn_crops=None):
-    """(model, train_function, iterator) of one WCL train step on a fixed random batch.
-
-    Settings left None come from the command-line flags."""
-    import keras
+def _step_setup(cfg):
+    """(model, train_function, iterator): one train step of `cfg`, its model and optimizer
+    built by training.build (on one device), on a fixed random batch of
+    cfg.global_batch_size images (and cfg.num_local_crops local crops)."""
     import numpy as np
     import tensorflow as tf
 
-    from wcl_tf import optimizers
-    from wcl_tf.config import Config
-    from wcl_tf.models.wcl_model import build_wcl_model
+    from wcl_tf import training
 
-    def pick(value, flag):
-        return FLAGS[flag].value if value is None else value
-
-    backbone, width = pick(backbone, "backbone"), pick(width, "width")
-    s = pick(image_size, "image_size")
-    m, ls = pick(num_local_crops, "num_local_crops"), pick(local_crop_size, "local_crop_size")
-    k = pick(knn_crops, "knn_crops") or m
-    keras.utils.set_random_seed(0)
-    model = build_wcl_model(backbone, pick(head_hidden_dim, "head_hidden_dim"),
-                            pick(head_output_dim, "head_output_dim"), width=width,
-                            image_size=s, knn_crops=k)
-    cfg = Config(global_batch_size=batch, epochs=10, warmup_epochs=1)
-    opt = optimizers.build_optimizer(cfg, 100)
-    if FLAGS.precision == "mixed_float16":
-        opt = keras.optimizers.LossScaleOptimizer(opt)
-    model.compile(optimizer=opt, jit_compile=FLAGS.jit_compile)
+    # One step per call into the device, so that one timed call is one step.
+    cfg = cfg.replace(steps_per_execution=1).validate()
+    model = training.build(cfg, tf.distribute.get_strategy(), steps_per_epoch=100)
+    if FLAGS.jit_compile is not None:
+        model.jit_compile = FLAGS.jit_compile
+    batch, s = cfg.global_batch_size, cfg.image_size
+    m, ls = cfg.num_local_crops, cfg.local_crop_size
+    # A model that augments on the device (augment_on) takes the views' uint8 crops, as
+    # its input pipeline yields them; otherwise augmented float views in [0, 1].
+    on_device = getattr(model, "view_augmentation", None) is not None
     rng = np.random.default_rng(0)
-    data = {v: tf.constant(rng.uniform(size=(batch, s, s, 3)), tf.float32)
-            for v in ("view_1", "view_2")}
+
+    def images(shape):
+        pixels = tf.constant(rng.integers(0, 256, size=shape), tf.uint8)
+        return pixels if on_device else tf.cast(pixels, tf.float32) / 255.0
+
+    data = {v: images((batch, s, s, 3)) for v in ("view_1", "view_2")}
     if m:
-        data["local"] = tf.constant(rng.uniform(size=(batch, m, ls, ls, 3)), tf.float32)
+        data["local"] = images((batch, m, ls, ls, 3))
     model.make_train_function()
     return model, model.train_function, iter(tf.data.Dataset.from_tensors(data).repeat())
 
 
 def bench_step():
-    import keras
-
-    if FLAGS.precision != "float32":
-        keras.mixed_precision.set_global_policy(FLAGS.precision)
+    cfg = train_config().validate()
     rows = []
-    for batch in map(int, FLAGS.batch_sizes):
-        _, step, iterator = _step_setup(batch)
+    for batch in _batch_sizes(cfg):
+        model, step, iterator = _step_setup(cfg.replace(global_batch_size=batch))
 
         def one():
             logs = step(iterator)
@@ -141,18 +183,19 @@ def bench_step():
 
         median, times = _timed(one, FLAGS.warmup, FLAGS.repeats)
         rows.append({
-            "backbone": FLAGS.backbone, "image_size": FLAGS.image_size, "batch": batch,
-            "local_crops": FLAGS.num_local_crops, "precision": FLAGS.precision,
-            "jit_compile": FLAGS.jit_compile,
+            "backbone": cfg.backbone, "image_size": cfg.image_size, "batch": batch,
+            "local_crops": cfg.num_local_crops, "kept_local_crops": cfg.knn_crops,
+            "precision": cfg.precision, "jit_compile": bool(model.jit_compile),
             "step_s": round(median, 4), "pairs_per_s": round(batch / median, 2),
             "step_s_all": [round(t, 4) for t in times],
             "peak_memory_mb": round(_peak_memory_mb(), 1),
         })
         print(f"  {rows[-1]}", flush=True)
-    header = ("| backbone | px | batch | local crops | precision | XLA | step (s) | image pairs/s "
-              "| peak memory (MB) |\n|---|---|---|---|---|---|---|---|---|")
-    lines = [f"| {r['backbone']} | {r['image_size']} | {r['batch']} | {r['local_crops']} | "
-             f"{r['precision']} | {'yes' if r['jit_compile'] else 'no'} | {r['step_s']:.3f} | "
+    header = ("| backbone | px | batch | local crops (kept) | precision | XLA | step (s) | "
+              "image pairs/s | peak memory (MB) |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [f"| {r['backbone']} | {r['image_size']} | {r['batch']} | {r['local_crops']} "
+             f"({r['kept_local_crops']}) | {r['precision']} | "
+             f"{'yes' if r['jit_compile'] else 'no'} | {r['step_s']:.3f} | "
              f"{r['pairs_per_s']:.2f} | {r['peak_memory_mb']:.0f} |" for r in rows]
     return rows, "\n".join([header] + lines)
 
@@ -193,8 +236,9 @@ def bench_profile():
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    batch = int(FLAGS.batch_sizes[0])
-    _, step, iterator = _step_setup(batch)
+    cfg = train_config().validate()
+    batch = _batch_sizes(cfg)[0]
+    _, step, iterator = _step_setup(cfg.replace(global_batch_size=batch))
     for _ in range(max(1, FLAGS.warmup)):
         float(step(iterator)["loss"])
     logdir = tempfile.mkdtemp(prefix="wcl_profile_")
@@ -220,7 +264,7 @@ def bench_profile():
                 by_part[_op_part(name)] += event.duration_ps
                 by_kind[_op_kind(op_type, name)] += event.duration_ps
     total = sum(by_part.values())
-    rows = {"backbone": FLAGS.backbone, "batch": batch, "image_size": FLAGS.image_size,
+    rows = {"backbone": cfg.backbone, "batch": batch, "image_size": cfg.image_size,
             "step_s": round(wall, 3),
             "by_part": {k: round(v / total, 4) for k, v in by_part.most_common()},
             "by_op": {k: round(v / total, 4) for k, v in by_kind.most_common()}}
@@ -321,7 +365,8 @@ def bench_ops():
 
     from wcl_tf.data import augment
 
-    size, batch = FLAGS.image_size, FLAGS.batch_size
+    cfg = train_config()
+    size, batch = cfg.image_size, _batch_size(cfg)
     images = tf.constant(np.random.default_rng(0).uniform(size=(batch, size, size, 3)),
                          tf.float32)
     seed = tf.constant([1, 2], tf.int64)
@@ -367,39 +412,43 @@ def bench_ops():
     return rows, "\n".join([header] + lines)
 
 
-def bench_pipeline():
-    import tensorflow as tf
-
-    from wcl_tf.config import Config
-    from wcl_tf.data import pipeline, sources
-
-    cfg = Config(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
-                 global_batch_size=FLAGS.batch_size, num_local_crops=FLAGS.num_local_crops,
-                 local_crop_size=FLAGS.local_crop_size, weak_aug_epochs=0, blur=FLAGS.blur)
-    if FLAGS.augment == "project":
-        ds = pipeline.make_pretrain_dataset(cfg, FLAGS.batch_size)
-    else:
-        raw, _, _ = sources.load_split(cfg.dataset, cfg.train_split, cfg.data_dir)
-        ds = (raw.map(lambda x, y: sources.resize_uint8(x, cfg.image_size)).cache().repeat()
-              .batch(FLAGS.batch_size, drop_remainder=True)
-              .map(_keras_cv_two_views(cfg.image_size, cfg.blur),
-                   num_parallel_calls=tf.data.AUTOTUNE)
-              .prefetch(tf.data.AUTOTUNE))
-    iterator = iter(ds)
-    batches = 10
-    for _ in range(3 + FLAGS.warmup):
+def _images_per_s(iterator, batch, batches, warmup):
+    """Median over --repeats of the images/s of `batches` batches of `batch` images drawn
+    from `iterator`, after `warmup` untimed batches."""
+    for _ in range(warmup):
         next(iterator)
     rates = []
     for _ in range(FLAGS.repeats):
         start = time.perf_counter()
         for _ in range(batches):
             next(iterator)
-        rates.append(batches * FLAGS.batch_size / (time.perf_counter() - start))
-    rate = statistics.median(rates)
-    row = {"augment": FLAGS.augment, "image_size": FLAGS.image_size, "blur": FLAGS.blur,
-           "local_crops": FLAGS.num_local_crops, "local_crop_size": FLAGS.local_crop_size,
-           "batch": FLAGS.batch_size, "images_per_s": round(rate, 1),
-           "images_per_s_per_core": round(rate / os.cpu_count(), 1)}
+        rates.append(batches * batch / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def bench_pipeline():
+    import tensorflow as tf
+
+    from wcl_tf.data import pipeline, sources
+
+    cfg = train_config().validate()
+    batch = _batch_size(cfg)
+    # Strong augmentation (the costlier recipe) from the first batch.
+    cfg = cfg.replace(global_batch_size=batch, weak_aug_epochs=0)
+    if FLAGS.augment == "project":
+        ds = pipeline.make_pretrain_dataset(cfg, batch)
+    else:
+        raw, _, _ = sources.load_split(cfg.dataset, cfg.train_split, cfg.data_dir)
+        ds = (raw.map(lambda x, y: sources.resize_uint8(x, cfg.image_size)).cache().repeat()
+              .batch(batch, drop_remainder=True)
+              .map(_keras_cv_two_views(cfg.image_size, cfg.blur),
+                   num_parallel_calls=tf.data.AUTOTUNE)
+              .prefetch(tf.data.AUTOTUNE))
+    rate = _images_per_s(iter(ds), batch, 10, 3 + FLAGS.warmup)
+    row = {"augment": FLAGS.augment, "dataset": cfg.dataset, "image_size": cfg.image_size,
+           "blur": cfg.blur, "local_crops": cfg.num_local_crops,
+           "local_crop_size": cfg.local_crop_size, "batch": batch,
+           "images_per_s": round(rate, 1), "images_per_s_per_core": round(rate / os.cpu_count(), 1)}
     print(f"  {row}", flush=True)
     header = ("| augmentation | px | blur | local crops | images/s (each with all its views) | "
               "per core |\n|---|---|---|---|---|---|")
@@ -410,78 +459,35 @@ def bench_pipeline():
     return [row], header + "\n" + line
 
 
-def _config_from_flagfile(path):
-    """A Config from a shipped config's name or a train flagfile's path (nested --flagfile=
-    lines followed as wcl_tf.train follows them: relative to the flagfile naming them)."""
-    import dataclasses
-
-    from wcl_tf import flagfiles
-    from wcl_tf.config import Config
-
-    fields = {f.name: f.default for f in dataclasses.fields(Config)}
-    values = {}
-    is_name = path in flagfiles.available_configs() and not path.endswith(".flags")
-    for arg in flagfiles.expand_args([f"--config={path}" if is_name else f"--flagfile={path}"]):
-        if arg.startswith("--"):
-            name, _, value = arg[2:].partition("=")
-            if name in fields:
-                values[name] = value
-    parsed = {}
-    for name, value in values.items():
-        default = fields[name]
-        if isinstance(default, bool) or name == "sync_bn":
-            parsed[name] = value.lower() in ("true", "1", "yes")
-        elif isinstance(default, tuple):
-            parsed[name] = tuple(float(x) for x in value.split(","))
-        elif isinstance(default, int):
-            parsed[name] = int(value)
-        elif isinstance(default, float) or name == "base_lr":
-            parsed[name] = float(value)
-        else:
-            parsed[name] = value
-    return Config(**parsed)
-
-
 def bench_ratio():
-    """For each shipped config: input-pipeline images/s against the images/s its train step
+    """For each of --configs: input-pipeline images/s against the images/s its train step
     consumes on this machine, and their ratio (goal: >= 2)."""
     import keras
 
-    from wcl_tf.data import pipeline, sources
+    from wcl_tf.data import DataError, pipeline, sources
 
     rows = []
-    for path in FLAGS.configs:
-        cfg = _config_from_flagfile(path)
+    for source in FLAGS.configs:
+        cfg = train_config(source).validate()
         batch = min(cfg.global_batch_size, FLAGS.max_step_batch)
-        # A config without data_dir (the shipped ones) reads --data_dir.
-        dataset, data_dir, stand_in = cfg.dataset, cfg.data_dir or FLAGS.data_dir, ""
+        dataset, stand_in = cfg.dataset, ""
         try:
-            sources.load_split(dataset, cfg.train_split, data_dir)
-        except sources.DataError:
-            dataset, data_dir = FLAGS.dataset, FLAGS.data_dir
+            sources.load_split(dataset, cfg.train_split, cfg.data_dir)
+        except DataError:
+            dataset = FLAGS.stand_in_dataset
             stand_in = f"{dataset} at {cfg.image_size} px (stand-in)"
         # Strong augmentation (the costlier recipe) from the first batch.
-        data_cfg = cfg.replace(dataset=dataset, data_dir=data_dir, global_batch_size=batch,
-                               weak_aug_epochs=0, max_train_examples=0)
+        data_cfg = cfg.replace(dataset=dataset, global_batch_size=batch, weak_aug_epochs=0,
+                               max_train_examples=0)
         iterator = iter(pipeline.make_pretrain_dataset(data_cfg, batch))
-        for _ in range(3):
-            next(iterator)
-        batches = max(2, 2048 // batch // (1 if cfg.image_size <= 64 else 8))
-        rates = []
-        for _ in range(FLAGS.repeats):
-            start = time.perf_counter()
-            for _ in range(batches):
-                next(iterator)
-            rates.append(batches * batch / (time.perf_counter() - start))
+        pipeline_rate = _images_per_s(
+            iterator, batch, max(2, 2048 // batch // (1 if cfg.image_size <= 64 else 8)), 3)
         del iterator
-        pipeline_rate = statistics.median(rates)
-        _, step, step_iterator = _step_setup(
-            batch, cfg.backbone, cfg.width, cfg.image_size, cfg.head_hidden_dim,
-            cfg.head_output_dim, cfg.num_local_crops, cfg.local_crop_size, cfg.knn_crops)
+        _, step, step_iterator = _step_setup(cfg.replace(global_batch_size=batch))
         median, _ = _timed(lambda: float(step(step_iterator)["loss"]), FLAGS.warmup,
                            FLAGS.repeats)
         step_rate = batch / median
-        rows.append({"config": path, "dataset": stand_in or cfg.dataset, "batch": batch,
+        rows.append({"config": source, "dataset": stand_in or cfg.dataset, "batch": batch,
                      "image_size": cfg.image_size, "blur": cfg.blur,
                      "local_crops": cfg.num_local_crops,
                      "pipeline_images_per_s": round(pipeline_rate, 1),
@@ -505,18 +511,28 @@ def _main(argv):
     if len(argv) != 2 or argv[1] not in modes:
         raise app.UsageError(f"usage: benchmark.py {'|'.join(modes)} [--flags]")
     logging.set_verbosity(logging.WARNING)
-    rows, table = modes[argv[1]]()
+    from wcl_tf.data import DataError  # pylint: disable=import-outside-toplevel
+
+    try:
+        rows, table = modes[argv[1]]()
+    except (config_lib.ConfigError, DataError, flagfiles.FlagfileError, flags.Error) as err:
+        # What wcl_tf.train reports in one line for the same flags.
+        print(f"benchmark: error: {err}", file=sys.stderr)
+        return 2
     print(f"\nMachine: {_machine()}\nCommand: python -m wcl_tf.tools.benchmark "
           f"{' '.join(sys.argv[1:])}\n\n{table}")
     if FLAGS.out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
         with open(FLAGS.out, "w") as f:
             json.dump({"machine": _machine(), "argv": sys.argv[1:], "rows": rows}, f, indent=2)
-
+    return 0
 
 
 def main():
     """Entry point of the module, of tools/benchmark.py and of the console script."""
+    # --help lists the training flags too: they describe the run being timed.
+    for flag in FLAGS.get_key_flags_for_module(train.__name__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     _cli.run(_main, __name__)
 
 

@@ -134,29 +134,13 @@ def _main():
                                seed=run["seed"], weight_decay=FLAGS.weight_decay, log=log)
     seconds = time.time() - start
 
-    payload = {
-        "label_fraction": fraction,
-        **{key: result[key] for key in ("top1_best", "top1_last", "top5_best", "top5_last")},
-        "subset": subset,
-        "encoder": run_dir.encoder_name(run),
-        **run_dir.run_record(run),
-        "num_test": int(len(y_test)),
-        "num_classes": int(num_classes),
-        "epochs": epochs,
-        "batch_size": run["batch_size"],
-        "lr": result["lr"],
-        "weight_decay": FLAGS.weight_decay,
-        "seed": run["seed"],
-        "seconds": round(seconds, 1),
-        "history": result["history"],
-    }
     suffix = "_random_init" if run["random_init"] else ""
-    path = run_dir.output_path(run, f"finetune_{_percent(fraction)}pct{suffix}.json")
-    run_dir.write_json(path, payload)
-    log(f"fine-tune ({settings}): {run_dir.accuracy_summary(result)}  [{seconds:.1f} s] "
-        f"-> {path}")
+    run_dir.write_classifier_results(
+        run, f"finetune_{_percent(fraction)}pct{suffix}.json", f"fine-tune ({settings})",
+        result, seconds, {"label_fraction": fraction, "subset": subset,
+                          "num_test": int(len(y_test)), "num_classes": int(num_classes),
+                          "epochs": epochs, "weight_decay": FLAGS.weight_decay})
     return 0
-
 
 
 def main():

@@ -168,33 +168,22 @@ def _main():
                 f"{run['image_size']} px, epochs={FLAGS.epochs}, "
                 f"batch_size={run['batch_size']}, lr={lr:.4g}, seed={run['seed']}")
 
-    payload = {
-        "mode": FLAGS.mode,
-        **{key: result[key] for key in ("top1_best", "top1_last", "top5_best", "top5_last")},
-        "encoder": encoder,
-        **run_dir.run_record(run),
-        "raw_pixels": FLAGS.raw_pixels,
-        "input": data_input,
-        "test_preprocessing": (
-            f"square images of side <= {run['image_size']}: bilinear resize to it; others: "
-            f"shorter side to {eval_input.resize_size(run['image_size'])} (antialiased "
-            f"bilinear), centre crop {run['image_size']}"),
-        "num_train": int(num_train),
-        "num_test": int(num_test),
-        "num_classes": int(num_classes),
-        "epochs": FLAGS.epochs,
-        "batch_size": run["batch_size"],
-        "lr": result["lr"],
-        "seed": run["seed"],
-        "seconds": round(seconds, 1),
-        "history": result["history"],
-    }
-    path = run_dir.output_path(run, f"linear_eval_{FLAGS.mode}{_variant()}.json")
-    run_dir.write_json(path, payload)
-    log(f"linear eval ({settings}): {run_dir.accuracy_summary(result)}  [{seconds:.1f} s] "
-        f"-> {path}")
+    run_dir.write_classifier_results(
+        run, f"linear_eval_{FLAGS.mode}{_variant()}.json", f"linear eval ({settings})",
+        result, seconds, {
+            "mode": FLAGS.mode,
+            "raw_pixels": FLAGS.raw_pixels,
+            "input": data_input,
+            "test_preprocessing": (
+                f"square images of side <= {run['image_size']}: bilinear resize to it; "
+                f"others: shorter side to {eval_input.resize_size(run['image_size'])} "
+                f"(antialiased bilinear), centre crop {run['image_size']}"),
+            "num_train": int(num_train),
+            "num_test": int(num_test),
+            "num_classes": int(num_classes),
+            "epochs": FLAGS.epochs,
+        }, encoder=encoder)
     return 0
-
 
 
 def main():

@@ -203,11 +203,40 @@ def run_record(run):
                                       "max_examples")}
 
 
+ACCURACY_KEYS = ("top1_best", "top1_last", "top5_best", "top5_last")
+
+
 def accuracy_summary(result):
     """'top-1 best X% / last Y%, top-5 best Z% / last W%' of a linear/finetune result."""
     return (f"top-1 best {100 * result['top1_best']:.2f}% / last "
             f"{100 * result['top1_last']:.2f}%, top-5 best {100 * result['top5_best']:.2f}% / "
             f"last {100 * result['top5_last']:.2f}%")
+
+
+def write_classifier_results(run, name, title, result, seconds, fields, encoder=None):
+    """Writes the JSON of a trained classifier's evaluation (linear probe, fine-tuning) to
+    output_path(run, name) and logs `title: <accuracy_summary> [seconds] -> path`.
+
+    The JSON holds the tool's own `fields` first, then what every such tool records: the
+    best and last top-1 / top-5, the encoder (default: encoder_name(run)), run_record(run),
+    batch size, the learning rate used (result["lr"]), seed, seconds and the per-epoch
+    history. Returns the path.
+    """
+    payload = {
+        **fields,
+        **{key: result[key] for key in ACCURACY_KEYS},
+        "encoder": encoder or encoder_name(run),
+        **run_record(run),
+        "batch_size": run["batch_size"],
+        "lr": result["lr"],
+        "seed": run["seed"],
+        "seconds": round(seconds, 1),
+        "history": result["history"],
+    }
+    path = output_path(run, name)
+    write_json(path, payload)
+    log(f"{title}: {accuracy_summary(result)}  [{seconds:.1f} s] -> {path}")
+    return path
 
 
 def write_json(path, payload):
