@@ -221,3 +221,20 @@ def test_single_op_layers_in_a_users_model(layer, tmp_path):
     model.save(path)
     again = keras.saving.load_model(path).layers[-1]
     assert type(again) is type(layer) and again.get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize("prob", [0.0, 0.5, 1.0])
+def test_ops_on_chosen_rows_only_equal_the_select_path(prob):
+    """The host path computes each op only for the images drawn for it (gather, op,
+    scatter); the static-shape path computes it for all and selects. Same draws, same
+    views, also when no image or every image is drawn (an empty gather)."""
+    spec = dataclasses.replace(augment.STRONG, jitter_prob=prob, grayscale_prob=prob,
+                               blur_prob=prob)
+    images = tf.cast(_colour_crops(6, S), tf.float32) / 255.0
+    seed = tf.constant([8, 1], tf.int64)
+    rows = augment.photometric(images, spec, seed, blur_kernel=5)
+    select = augment.photometric(images, spec, seed, blur_kernel=5, static_shapes=True)
+    np.testing.assert_allclose(rows.numpy(), select.numpy(), atol=1e-5)
+    if prob == 0.0:  # Only the flip: every image is itself or its mirror.
+        for out, image in zip(rows.numpy(), images.numpy()):
+            assert (np.array_equal(out, image) or np.array_equal(out, image[:, ::-1]))

@@ -372,32 +372,23 @@ def _shift_hue(images, shift):
     return tf.clip_by_value(rgb, 0.0, 1.0)
 
 
-def color_jitter(images, brightness, contrast, saturation, hue, seed, static_shapes=False):
-    """torchvision ColorJitter on (b, H, W, 3) floats in [0, 1], per image.
-
-    Factors: brightness U(1 - b, 1 + b), contrast U(1 - c, 1 + c), saturation
-    U(1 - s, 1 + s) (lower bounds clipped at 0), hue U(-h, h). Each image applies the
-    four operations in its own random order, as torchvision does. Brightness,
-    contrast and saturation are blends (with black, the mean gray level, the pixel's
-    gray level): at each of the 4 steps every image does one blend, with factor 1
-    when its operation for the step is the hue shift; the hue shift (the expensive
-    HSV round trip) runs only on the images whose operation it is.
-
-    static_shapes=True (XLA, TPU: no data-dependent shapes): every image goes through
-    the HSV round trip at each step, with a shift of 0 except at its hue step; the same
-    values up to float rounding (the round trip is not bit-exact), 4x the HSV work.
-    """
-    b = tf.shape(images)[0]
+def _jitter_draws(count, brightness, contrast, saturation, hue, seed):
+    """Per-image draws of color_jitter: blend factors (count, 4), hue shifts (count,) and
+    the order of the operations (count, 4) (0 brightness, 1 contrast, 2 saturation, 3
+    hue)."""
     b_seed, c_seed, s_seed, h_seed, order_seed = _split(seed, 5)
     blend_factors = tf.stack([
-        _uniform([b], b_seed, tf.maximum(1.0 - brightness, 0.0), 1.0 + brightness),
-        _uniform([b], c_seed, tf.maximum(1.0 - contrast, 0.0), 1.0 + contrast),
-        _uniform([b], s_seed, tf.maximum(1.0 - saturation, 0.0), 1.0 + saturation),
-        tf.ones([b]),  # hue step: no blend
-    ], axis=1)  # (b, 4)
-    hue_shift = _uniform([b], h_seed, -hue, hue)
-    # (b, 4): order[i, step] = operation (0 brightness, 1 contrast, 2 saturation, 3 hue).
-    order = tf.argsort(_uniform([b, 4], order_seed, 0.0, 1.0), axis=1)
+        _uniform([count], b_seed, tf.maximum(1.0 - brightness, 0.0), 1.0 + brightness),
+        _uniform([count], c_seed, tf.maximum(1.0 - contrast, 0.0), 1.0 + contrast),
+        _uniform([count], s_seed, tf.maximum(1.0 - saturation, 0.0), 1.0 + saturation),
+        tf.ones([count]),  # hue step: no blend
+    ], axis=1)
+    hue_shift = _uniform([count], h_seed, -hue, hue)
+    order = tf.argsort(_uniform([count, 4], order_seed, 0.0, 1.0), axis=1)
+    return blend_factors, hue_shift, order
+
+
+def _jitter_with(images, blend_factors, hue_shift, order, static_shapes):
     for step in range(4):
         op = order[:, step]
         factor = _per_image(tf.gather(blend_factors, op, batch_dims=1))
@@ -415,6 +406,58 @@ def color_jitter(images, brightness, contrast, saturation, hue, seed, static_sha
     return images
 
 
+def color_jitter(images, brightness, contrast, saturation, hue, seed, static_shapes=False):
+    """torchvision ColorJitter on (b, H, W, 3) floats in [0, 1], per image.
+
+    Factors: brightness U(1 - b, 1 + b), contrast U(1 - c, 1 + c), saturation
+    U(1 - s, 1 + s) (lower bounds clipped at 0), hue U(-h, h). Each image applies the
+    four operations in its own random order, as torchvision does. Brightness,
+    contrast and saturation are blends (with black, the mean gray level, the pixel's
+    gray level): at each of the 4 steps every image does one blend, with factor 1
+    when its operation for the step is the hue shift; the hue shift (the expensive
+    HSV round trip) runs only on the images whose operation it is.
+
+    static_shapes=True (XLA, TPU: no data-dependent shapes): every image goes through
+    the HSV round trip at each step, with a shift of 0 except at its hue step; the same
+    values up to float rounding (the round trip is not bit-exact), 4x the HSV work.
+    """
+    draws = _jitter_draws(tf.shape(images)[0], brightness, contrast, saturation, hue, seed)
+    return _jitter_with(images, *draws, static_shapes)
+
+
+def _on_chosen(chosen, images, transform, per_image=(), static_shapes=False):
+    """images with transform(images[chosen], *[d[chosen] for d in per_image]) in the rows
+    where the (b,) bool `chosen` holds: only those rows are computed, gathered and
+    scattered back once (static_shapes: computed for every row, then selected, as
+    apply_with_prob does). The result is the same either way."""
+    if static_shapes:
+        return tf.where(_per_image(chosen), transform(images, *per_image), images)
+    rows = tf.where(chosen)  # (k, 1)
+
+    def apply():
+        picked = [tf.gather_nd(d, rows) for d in per_image]
+        return tf.tensor_scatter_nd_update(images, rows,
+                                           transform(tf.gather_nd(images, rows), *picked))
+
+    # No row chosen: nothing to compute (some ops, e.g. the blur's reflect pad, refuse
+    # an empty batch).
+    return tf.cond(tf.reduce_any(chosen), apply, lambda: images)
+
+
+def _chosen(prob, seed, count):
+    """(count,) bool, true with probability prob: apply_with_prob's draw."""
+    return _uniform([count], seed, 0.0, 1.0) < prob
+
+
+def flip_left_right(images, flip):
+    """Mirrors the images where the (b,) bool `flip` holds: one gather along the width
+    (half the time of reversing every image and selecting)."""
+    width = tf.shape(images)[2]
+    forward = tf.range(width)
+    columns = tf.where(flip[:, None], tf.reverse(forward, [0])[None, :], forward[None, :])
+    return tf.gather(images, columns, axis=2, batch_dims=1)
+
+
 def gaussian_blur(images, kernel_size, sigma):
     """torchvision GaussianBlur: per-image sigma (b,), odd kernel_size, reflect padding.
 
@@ -429,9 +472,10 @@ def gaussian_blur(images, kernel_size, sigma):
     kernels = tf.transpose(tf.repeat(kernels, 3, axis=0))  # (k, b*3), image-major
     stacked = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, height, width, b * 3])
     stacked = tf.pad(stacked, [[0, 0], [half, half], [half, half], [0, 0]], mode="REFLECT")
-    stacked = tf.nn.depthwise_conv2d(stacked, tf.reshape(kernels, [kernel_size, 1, -1, 1]),
+    # b * 3, not -1: an empty batch (no image drawn for blur) has no size to infer.
+    stacked = tf.nn.depthwise_conv2d(stacked, tf.reshape(kernels, [kernel_size, 1, b * 3, 1]),
                                      [1, 1, 1, 1], "VALID")
-    stacked = tf.nn.depthwise_conv2d(stacked, tf.reshape(kernels, [1, kernel_size, -1, 1]),
+    stacked = tf.nn.depthwise_conv2d(stacked, tf.reshape(kernels, [1, kernel_size, b * 3, 1]),
                                      [1, 1, 1, 1], "VALID")
     return tf.transpose(tf.reshape(stacked, [height, width, b, 3]), [2, 0, 1, 3])
 
@@ -456,16 +500,24 @@ def photometric(images, spec, seed, blur_kernel=None, grayscale=None, static_sha
     (_, jitter_seed, jitter_p_seed, gray_p_seed, blur_p_seed, sigma_seed,
      flip_seed) = _split(seed, 7)
     images = tf.cast(images, tf.float32)
-    jittered = color_jitter(images, spec.brightness, spec.contrast, spec.saturation,
-                            spec.hue, jitter_seed, static_shapes=static_shapes)
-    images = apply_with_prob(spec.jitter_prob, jitter_p_seed, jittered, images)
+    b = tf.shape(images)[0]
+    # Each step is computed only for the images it applies to (static_shapes: for all,
+    # then selected); every draw is made for the whole batch first, so the numbers are
+    # those of apply_with_prob(p, seed, op(images), images) whichever way it runs.
+    draws = _jitter_draws(b, spec.brightness, spec.contrast, spec.saturation, spec.hue,
+                          jitter_seed)
+    images = _on_chosen(_chosen(spec.jitter_prob, jitter_p_seed, b), images,
+                        lambda x, *d: _jitter_with(x, *d, static_shapes), draws,
+                        static_shapes)
     grayscale = grayscale or grayscale_layer()
-    images = apply_with_prob(spec.grayscale_prob, gray_p_seed, grayscale(images), images)
+    images = _on_chosen(_chosen(spec.grayscale_prob, gray_p_seed, b), images, grayscale,
+                        static_shapes=static_shapes)
     if blur_kernel:
-        sigma = _uniform([tf.shape(images)[0]], sigma_seed, *BLUR_SIGMA)
-        images = apply_with_prob(spec.blur_prob, blur_p_seed,
-                                 gaussian_blur(images, blur_kernel, sigma), images)
-    images = apply_with_prob(0.5, flip_seed, tf.reverse(images, axis=[2]), images)
+        sigma = _uniform([b], sigma_seed, *BLUR_SIGMA)
+        images = _on_chosen(_chosen(spec.blur_prob, blur_p_seed, b), images,
+                            lambda x, s: gaussian_blur(x, blur_kernel, s), (sigma,),
+                            static_shapes)
+    images = flip_left_right(images, _chosen(0.5, flip_seed, b))
     return tf.clip_by_value(images, 0.0, 1.0)
 
 
