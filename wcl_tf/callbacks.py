@@ -1,8 +1,14 @@
-"""Callbacks used during pretraining: kNN monitor and weak-label diagnostics.
+"""Callbacks used during pretraining: kNN monitor and weak-label diagnostics, the
+non-finite guard, and the preemption guard (SIGTERM: save mid-epoch, stop).
 
-Both add keys to the epoch logs, so a TensorBoard or CSVLogger callback placed after
-them in the list records the values.
+The monitors add keys to the epoch logs, so a TensorBoard or CSVLogger callback placed
+after them in the list records the values. They skip an epoch that a guard cut short
+(`model.stop_training` set during its steps): its model is not the epoch's, and under
+preemption the grace period is better spent elsewhere.
 """
+
+import signal
+import threading
 
 import keras
 import numpy as np
@@ -32,7 +38,7 @@ class KNNMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         last = self.params and epoch + 1 == self.params.get("epochs")
-        if (epoch + 1) % self.every and not last:
+        if ((epoch + 1) % self.every and not last) or self.model.stop_training:
             return
         top1 = knn.evaluate_encoder(self.model.backbone, *self.train, *self.test,
                                     self.num_classes, k=self.k, temperature=self.temperature)
@@ -79,7 +85,7 @@ class WeakLabelDiagnostics(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         last = self.params and epoch + 1 == self.params.get("epochs")
-        if (epoch + 1) % self.every and not last:
+        if ((epoch + 1) % self.every and not last) or self.model.stop_training:
             return
         _, v = self.model.embed(tf.convert_to_tensor(self.view_1), training=False)
         stats = weak_label_statistics(v, self.labels)
@@ -170,3 +176,86 @@ class NonFiniteGuard(keras.callbacks.Callback):
         self.log(f"warning: non-finite loss or gradients at {where}: "
                  f"{'update' if new == 1 else f'{new} updates'} skipped "
                  f"({self.skipped} of at most {self.max_skips}).")
+
+
+class PreemptionGuard(keras.callbacks.Callback):
+    """On SIGTERM: finish the step in flight, save, stop training.
+
+    Cloud TPUs and spot VMs send SIGTERM and, a grace period later, SIGKILL. While fit
+    runs, this callback replaces SIGTERM's action (ending the process) by setting a flag;
+    the previous handler is back once fit returns, and a second SIGTERM gets it at once
+    (by default: the process ends), for whoever does not want to wait. After each step (each
+    execution with steps_per_execution > 1) the flag is read:
+
+    - in the middle of an epoch: `save(optimizer_step)` writes a mid-epoch checkpoint and
+      returns its path, and training stops;
+    - after an epoch's last step: nothing is saved here; the epoch ends as usual (its
+      checkpoint callback, placed before this one, writes the epoch checkpoint) and
+      training stops in on_epoch_end. A signal that arrives during the epoch-end work is
+      handled there too, before the next epoch's first step.
+
+    A signal after the last epoch's last step stops nothing (training is over).
+    `preempted` is then a dict: optimizer_step (steps done and saved), epoch (1-based,
+    the one stopped in or after), path (the mid-epoch checkpoint; None when the epoch
+    checkpoint holds the state); None while all is well.
+
+    `agree(flag) -> bool` makes the decision common to all workers (multi-worker: a
+    worker that stopped alone would leave the others waiting in their next all-reduce);
+    every worker calls it at the same points. Default: this process's flag.
+
+    Why not tf.distribute.experimental.PreemptionCheckpointHandler: it saves and restores
+    a tf.train.Checkpoint in a folder of its own (resume, export and the tools read the
+    run folder's .keras files), it wants to drive the step loop (handler.run(step) or
+    save_checkpoint_if_preempted() between steps), which Keras 3's fit owns (Keras 2's
+    BackupAndRestore(save_before_preemption=True) wired the two; Keras 3 dropped it),
+    and it ends the process itself after saving, with platform-specific exit codes, so
+    the caller could not report where the run stopped. A signal handler that sets a flag,
+    read between steps, does the same with the run folder's atomic writer.
+    """
+
+    def __init__(self, save, agree=None, signum=signal.SIGTERM):
+        super().__init__()
+        self.save, self.agree, self.signum = save, agree or bool, signum
+        self.preempted = None
+        self.signalled = False
+        self._previous = None
+        self._epoch = 0
+
+    def _handler(self, signum, frame):
+        del frame
+        self.signalled = True
+        # A second signal gets the previous action (by default: the process ends).
+        signal.signal(signum, self._previous)
+
+    def on_train_begin(self, logs=None):
+        # Python delivers signals to the main thread only; elsewhere (a notebook's worker
+        # thread) SIGTERM keeps its usual action.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(self.signum, self._handler)
+
+    def on_train_end(self, logs=None):
+        if self._previous is not None and not self.signalled:
+            signal.signal(self.signum, self._previous)
+        self._previous = None
+
+    def _stop(self, epoch, path):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.preempted = {"optimizer_step": step, "epoch": epoch + 1, "path": path}
+        self.model.stop_training = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        steps = self.params.get("steps")
+        if self.preempted is not None or (steps is not None and batch + 1 >= steps):
+            return  # The epoch's end comes next, with its own checkpoint.
+        if self.agree(self.signalled):
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            self._stop(self._epoch, self.save(step))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.preempted is not None or epoch + 1 >= (self.params.get("epochs") or 0):
+            return
+        if self.agree(self.signalled):
+            self._stop(epoch, None)

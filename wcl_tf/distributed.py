@@ -1,7 +1,9 @@
-"""Cross-replica helpers for the train step (WCL_SPEC section 2).
+"""Cross-replica helpers for the train step (WCL_SPEC section 2), and WorkerAgreement for
+host-side decisions every worker must share (multi-worker).
 
-All functions run in a replica context (inside `strategy.run`, which is where Keras
-calls `train_step`). With one replica they are identities.
+The functions run in a replica context (inside `strategy.run`, which is where Keras
+calls `train_step`); with one replica they are identities. WorkerAgreement is called
+from the host, between steps.
 """
 
 import tensorflow as tf
@@ -57,3 +59,49 @@ def global_sum(x):
     if replicas == 1:
         return x
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+
+class WorkerAgreement:
+    """Host-side values that every worker of a multi-worker run must agree on.
+
+    Under MultiWorkerMirroredStrategy each worker is its own Python process with its own
+    view of the world: one may have received SIGTERM, or see a different newest checkpoint
+    than the chief. Acting on such a local view makes the workers take different numbers
+    of steps, and the next all-reduce waits forever. These methods make the decision
+    common with one small all-reduce; every worker must call them at the same points, the
+    same number of times. With any other strategy (one process) they return the local
+    value and communicate nothing.
+    """
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self.multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        self._sum = tf.function(self._sum_fn) if self.multi_worker else None
+
+    def _sum_fn(self, chief_values, flag):
+        def replica_fn(chief_values, flag):
+            ctx = tf.distribute.get_replica_context()
+            # A host value has no device inside the function; the all-reduce needs one
+            # ("destinations can not be empty").
+            with tf.device(self.strategy.extended.worker_devices[0]):
+                # Replica 0 (the chief's first) contributes chief_values, every replica
+                # its flag: one all-reduce serves both.
+                first = tf.cast(tf.equal(ctx.replica_id_in_sync_group, 0), tf.float64)
+                mine = tf.concat([chief_values * first, flag[None]], axis=0)
+            return ctx.all_reduce(tf.distribute.ReduceOp.SUM, mine)
+
+        return self.strategy.run(replica_fn, args=(chief_values, flag))
+
+    def any_worker(self, flag):
+        """True on every worker if `flag` is true on any of them."""
+        return self.chief_values((), flag)[1]
+
+    def chief_values(self, values, flag=False):
+        """(the chief's `values`, True if `flag` is true on any worker), the same on every
+        worker; values: integers below 2**53 (float64 carries them exactly)."""
+        if not self.multi_worker:
+            return [int(v) for v in values], bool(flag)
+        total = self.strategy.experimental_local_results(self._sum(
+            tf.constant(values, tf.float64, shape=[len(values)]),
+            tf.constant(1.0 if flag else 0.0, tf.float64)))[0].numpy()
+        return [int(round(v)) for v in total[:-1]], bool(total[-1] > 0)

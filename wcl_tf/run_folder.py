@@ -12,6 +12,9 @@ What a model_dir holds (written by training; see wcl_tf/training.py for how a ru
     config.json                   the settings (CONFIG_FILE)
     flags.txt                     the command line's flags, written by wcl_tf/train.py
     checkpoints/epoch_NNN.keras   model + optimizer after epoch NNN (checkpoint_path)
+    checkpoints/step_NNNNNNN.keras  model + optimizer after optimizer step N, saved mid-epoch
+                                  when the run is preempted (SIGTERM); superseded (deleted)
+                                  by the next epoch checkpoint (mid_epoch_checkpoint_path)
     train_state.json              per-epoch logs, random-encoder kNN, training seconds
     history.csv                   the per-epoch logs, one row per epoch
     final.keras, results.json     the trained model and the summary, written last
@@ -25,7 +28,12 @@ hidden name first. Renaming is atomic on local disks but not on every object sto
 gs:// it is a copy then a delete), so readers do not rely on it: `latest_checkpoint` only
 takes a checkpoint whose zip central directory (written last) reads (`is_complete`), and
 `prune_checkpoints` runs only after the new checkpoint is complete, so the previous one
-is never deleted before its successor exists.
+is never deleted before its successor exists. A mid-epoch checkpoint has a name of its
+own (never the name of an epoch checkpoint), so writing one never touches the epoch
+checkpoints, and it is deleted only once a later checkpoint reads whole.
+
+In a multi-worker run only the chief writes here; the other workers only read (the same
+model_dir view is assumed: a shared file system or bucket).
 """
 
 import contextlib
@@ -49,6 +57,7 @@ CHECKPOINT_DIR = "checkpoints"
 LOG_DIR = "logs"
 EXPORT_DIR = "export"
 CHECKPOINT_NAME = re.compile(r"^epoch_(\d+)\.keras$")
+MID_EPOCH_NAME = re.compile(r"^step_(\d+)\.keras$")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -291,6 +300,38 @@ def prune_checkpoints(model_dir, keep):
     """Deletes all but the newest `keep` epoch checkpoints (call after a complete save)."""
     for epoch in checkpoint_epochs(model_dir)[:-keep]:
         remove(checkpoint_path(model_dir, epoch))
+
+
+def mid_epoch_checkpoint_path(model_dir, step):
+    """<model_dir>/checkpoints/step_NNNNNNN.keras: the state after optimizer step `step`,
+    saved in the middle of an epoch (preemption)."""
+    return join(model_dir, CHECKPOINT_DIR, f"step_{step:07d}.keras")
+
+
+def mid_epoch_steps(model_dir):
+    """Optimizer steps of the `step_NNNNNNN.keras` names in model_dir/checkpoints, ascending."""
+    names = listdir(join(model_dir, CHECKPOINT_DIR))
+    return sorted(int(m.group(1)) for m in map(MID_EPOCH_NAME.match, names) if m)
+
+
+def latest_mid_epoch_checkpoint(model_dir):
+    """(optimizer step, path) of the newest complete mid-epoch checkpoint; (0, None) if none.
+
+    Whether it is newer than the newest epoch checkpoint is the caller's question (it
+    knows the steps per epoch)."""
+    for step in reversed(mid_epoch_steps(model_dir)):
+        path = mid_epoch_checkpoint_path(model_dir, step)
+        if is_complete(path):
+            return step, path
+    return 0, None
+
+
+def remove_mid_epoch_checkpoints(model_dir, before_step):
+    """Deletes the mid-epoch checkpoints of steps < `before_step` (call once a checkpoint
+    at `before_step` or later reads whole: they are superseded)."""
+    for step in mid_epoch_steps(model_dir):
+        if step < before_step:
+            remove(mid_epoch_checkpoint_path(model_dir, step))
 
 
 def partial_path(path):

@@ -10,6 +10,20 @@ class StrategyError(ValueError):
     """The requested strategy cannot be built here; the message names the fix."""
 
 
+def _tf_config():
+    """TF_CONFIG as a dict; StrategyError when it is missing or not JSON."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise StrategyError(
+            "strategy 'multi_worker' needs the TF_CONFIG environment variable "
+            '(e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+            '"task": {"type": "worker", "index": 0}}) on every worker.')
+    try:
+        return json.loads(raw)
+    except ValueError as err:
+        raise StrategyError(f"TF_CONFIG is not valid JSON ({err}): fix the variable.") from None
+
+
 def build_strategy(name="one_device", tpu=""):
     """Returns a tf.distribute.Strategy.
 
@@ -24,16 +38,7 @@ def build_strategy(name="one_device", tpu=""):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        raw = os.environ.get("TF_CONFIG")
-        if not raw:
-            raise StrategyError(
-                "strategy 'multi_worker' needs the TF_CONFIG environment variable "
-                '(e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                '"task": {"type": "worker", "index": 0}}) on every worker.')
-        try:
-            json.loads(raw)
-        except ValueError as err:
-            raise StrategyError(f"TF_CONFIG is not valid JSON ({err}): fix the variable.")
+        _tf_config()
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
         try:
@@ -47,3 +52,18 @@ def build_strategy(name="one_device", tpu=""):
         return tf.distribute.TPUStrategy(resolver)
     raise StrategyError(
         f"unknown strategy {name!r}: use one_device, mirrored, multi_worker or tpu.")
+
+
+def is_chief(name="one_device"):
+    """Whether this process writes the run folder: always, except under `multi_worker`,
+    where only the chief does: the task of type "chief" if the cluster has one, else
+    worker 0 (TensorFlow's rule, which `strategy.extended.should_checkpoint` follows).
+    Read from TF_CONFIG, so it is known before the strategy is built: a non-chief worker
+    must not even create model_dir. StrategyError as build_strategy for a bad TF_CONFIG."""
+    if name != "multi_worker":
+        return True
+    config = _tf_config()
+    task = config.get("task", {})
+    if "chief" in config.get("cluster", {}):
+        return task.get("type") == "chief"
+    return task.get("type", "worker") == "worker" and int(task.get("index", 0)) == 0

@@ -15,6 +15,7 @@ This is the only module that reads flags. Every flag other than --config is a fi
 
 import dataclasses
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -195,6 +196,11 @@ def main(argv):
     except training.NonFiniteLossError as err:
         print(f"wcl_tf.train: error: {err}", file=sys.stderr)
         return 1
+    except training.Preempted as err:
+        # 128 + SIGTERM: what a supervisor sees when SIGTERM ends a process, so restart
+        # policies act as usual (0 would mark the job done).
+        print(f"wcl_tf.train: {err}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

@@ -3,9 +3,9 @@
 Order of work: validate everything that can be checked before the first step
 (settings, model_dir, strategy, dataset size) -> a finished run in model_dir is reported,
 not retrained -> build the model and optimizer inside the strategy scope -> kNN of the
-untrained encoder -> restore the newest epoch checkpoint, if any -> the dataset, starting
-at the restored optimizer step -> model.fit with TensorBoard and per-epoch checkpoints ->
-kNN of the trained encoder -> results.json.
+untrained encoder -> restore the newest checkpoint, if any -> the dataset, starting
+at the restored optimizer step -> model.fit with TensorBoard, per-epoch checkpoints and
+the preemption guard -> kNN of the trained encoder -> results.json.
 
 What model_dir holds, and how a run resumes (file names, safe writes and reads:
 wcl_tf/run_folder.py; model_dir may be a local folder or a URL such as gs://bucket/run):
@@ -14,6 +14,9 @@ wcl_tf/run_folder.py; model_dir may be a local folder or a URL such as gs://buck
     checkpoints/epoch_NNN.keras   model + optimizer (LARS momentum, iteration count) after
                               epoch NNN (1-based); written to a hidden file and renamed,
                               and only taken when its zip reads whole
+    checkpoints/step_NNNNNNN.keras  the same after optimizer step N, in the middle of an
+                              epoch: written on SIGTERM (preemption), deleted once a later
+                              epoch checkpoint reads whole
     train_state.json          per-epoch logs of every finished epoch (loss, kNN, learning
                               rate, optimizer_steps), kNN of the random encoder, training
                               seconds so far; written just before the checkpoint
@@ -26,9 +29,29 @@ Running the same command again resumes: the newest complete `epoch_NNN.keras` gi
 weights and the optimizer state, the data pipeline starts at the restored optimizer step
 (so the weak-to-strong augmentation switch stays where it was), fit continues at epoch
 NNN + 1, and the logs of epochs 1..NNN come from train_state.json. A process killed at
-any moment loses at most the epoch in flight. A run whose results.json is written and
-whose last epoch is checkpointed is finished: running it again returns its results.json
-without training (use a new model_dir to train again).
+any moment (SIGKILL) loses at most the epoch in flight.
+
+Preemption. While model.fit runs, SIGTERM (what Cloud TPUs and spot VMs send, a grace
+period before SIGKILL) lets the step in flight finish, saves checkpoints/step_N.keras
+(an epoch's last step: the epoch checkpoint instead), stops training and raises
+`Preempted`: the CLI exits with status 143 (128 + SIGTERM, what a supervisor sees when
+SIGTERM ends a process: restart policies treat it as such), saying where it stopped.
+Running the same command again resumes from that step: the rest of the interrupted epoch
+is a model.fit of its own (Keras gives every epoch of one fit the same number of steps),
+cut after that epoch, then the remaining full epochs; epochs keep their numbers and
+history.csv its one row per epoch (the resumed epoch's loss averages its steps after the
+resume). Nothing is lost but the step in flight.
+
+Multi-worker (MultiWorkerMirroredStrategy). Only the chief writes the run folder
+(config.json, flags.txt, checkpoints, logs, results); the other workers read it, which
+assumes one model_dir view (shared file system or bucket). Decisions taken on the host
+are made common with one small all-reduce (wcl_tf.distributed.WorkerAgreement): every
+worker restores the checkpoint the chief chose, and one worker's SIGTERM stops all of
+them after the same step.
+
+A run whose results.json is written and whose last epoch is checkpointed is finished:
+running it again returns its results.json without training (use a new model_dir to train
+again).
 """
 
 import json
@@ -39,6 +62,7 @@ import keras
 import tensorflow as tf
 
 from wcl_tf import callbacks as callbacks_lib
+from wcl_tf import distributed
 from wcl_tf import knn
 from wcl_tf import optimizers
 from wcl_tf import run_folder
@@ -64,21 +88,39 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped on a non-finite loss; the message says where and what to do."""
 
 
-def _prepare_model_dir(cfg):
-    """Create model_dir, refuse to mix runs with different settings, write config.json."""
-    try:
-        run_folder.ensure_writable(cfg.model_dir)
-    except run_folder.file_errors() as err:
-        raise ConfigError(
-            f"model_dir {cfg.model_dir!r} is not writable ({run_folder.error_text(err)}): "
-            "choose another --model_dir.") from None
+class Preempted(RuntimeError):
+    """SIGTERM stopped training after a step whose state is saved; the message says where,
+    and that the same command resumes. `info`: the PreemptionGuard's dict."""
+
+    def __init__(self, message, info):
+        super().__init__(message)
+        self.info = info
+
+
+def _has_training_state(model_dir):
+    return (latest_checkpoint(model_dir)[1] is not None
+            or run_folder.latest_mid_epoch_checkpoint(model_dir)[1] is not None)
+
+
+def _prepare_model_dir(cfg, writes=True):
+    """Create model_dir, refuse to mix runs with different settings, write config.json.
+
+    writes=False (a multi-worker run's non-chief): only the check, nothing is written.
+    """
+    if writes:
+        try:
+            run_folder.ensure_writable(cfg.model_dir)
+        except run_folder.file_errors() as err:
+            raise ConfigError(
+                f"model_dir {cfg.model_dir!r} is not writable ({run_folder.error_text(err)}): "
+                "choose another --model_dir.") from None
     path = run_folder.join(cfg.model_dir, CONFIG_FILE)
     # Through JSON, so that tuples compare equal to the lists read back.
     settings = json.loads(json.dumps(cfg.to_dict()))
     # Only a run that has saved training state binds the folder: a run that stopped
     # before its first checkpoint (say, on a wrong data_dir) may be retried with fixes.
     previous = run_folder.read_json(path)
-    if previous is not None and latest_checkpoint(cfg.model_dir)[1] is not None:
+    if previous is not None and _has_training_state(cfg.model_dir):
         changed = sorted(k for k in config_lib.run_defining_fields()
                          if previous.get(k) != settings.get(k))
         if changed:
@@ -88,7 +130,8 @@ def _prepare_model_dir(cfg):
                 "Use a new --model_dir, or the same settings to resume (settings that "
                 "may change on resume: "
                 f"{', '.join(sorted(set(settings) - set(config_lib.run_defining_fields())))}).")
-    run_folder.write_json(path, settings, sort_keys=True)
+    if writes:
+        run_folder.write_json(path, settings, sort_keys=True)
 
 
 def finished_results(cfg):
@@ -109,9 +152,10 @@ class _EpochCheckpoint(keras.callbacks.Callback):
     """After each epoch: train_state.json, then checkpoints/epoch_NNN.keras, then history.csv.
 
     The checkpoint is the commit point: a run resumes from the newest complete one and
-    takes the logs of the epochs up to it from train_state.json. An epoch cut short by
-    the non-finite guard (or whose loss is not finite) is not saved. Only the newest
-    `keep` epoch checkpoints stay (0: all), pruned once the new one is complete.
+    takes the logs of the epochs up to it from train_state.json. An epoch cut short (the
+    non-finite guard, preemption: fewer steps than fit's epoch) or whose loss is not
+    finite is not saved. Only the newest `keep` epoch checkpoints stay (0: all), pruned
+    once the new one is complete; mid-epoch checkpoints it supersedes are deleted then.
     """
 
     def __init__(self, model_dir, rows, state, write=True, guard=None, keep=0):
@@ -120,14 +164,22 @@ class _EpochCheckpoint(keras.callbacks.Callback):
         self.guard, self.keep = guard, keep
         self._started = time.time()
         self._seconds_before = state.get("train_seconds", 0.0)
+        self._batches = 0
 
     def train_seconds(self):
         return self._seconds_before + time.time() - self._started
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches = batch + 1  # Keras passes the execution's last step index.
+
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
         if not math.isfinite(float(logs.get("loss", 0.0))) or (
-                self.guard is not None and self.guard.tripped is not None):
+                self.guard is not None and self.guard.tripped is not None) or (
+                self._batches < (self.params.get("steps") or 0)):
             return
         row = {"epoch": epoch + 1}
         row.update({k: float(v) for k, v in logs.items()})
@@ -142,8 +194,21 @@ class _EpochCheckpoint(keras.callbacks.Callback):
         run_folder.write_history_csv(self.model_dir, self.rows)
         # Never delete an older checkpoint before this one reads whole (a rename on an
         # object store is a copy, then a delete).
-        if self.keep and run_folder.is_complete(path):
-            run_folder.prune_checkpoints(self.model_dir, self.keep)
+        if run_folder.is_complete(path):
+            if self.keep:
+                run_folder.prune_checkpoints(self.model_dir, self.keep)
+            run_folder.remove_mid_epoch_checkpoints(self.model_dir, row["optimizer_steps"] + 1)
+
+
+class _StopAfterOneEpoch(keras.callbacks.Callback):
+    """Ends a fit() after its first epoch (the rest of an interrupted epoch); `other`
+    records whether something else had stopped it already (a guard, EarlyStopping)."""
+
+    other = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.other = bool(self.model.stop_training)
+        self.model.stop_training = True
 
 
 def _knn_arrays(cfg, log):
@@ -311,19 +376,64 @@ def _summary(cfg, results):
             f"{results['train_seconds'] / 60:.1f} min; model in {results['checkpoint']})")
 
 
+def _resume_point(cfg, steps, agreement):
+    """(checkpoint path or None, optimizer step it holds, epochs done, mid-epoch?) to
+    resume from.
+
+    The newest complete epoch checkpoint, or a newer mid-epoch one. Every worker takes the
+    chief's choice (a worker seeing another newest file would train a different number
+    of steps, and the first all-reduce where they part would wait forever), and all stop
+    if any worker cannot read that file.
+    """
+    epochs_done, path = latest_checkpoint(cfg.model_dir)
+    mid_step, mid_path = run_folder.latest_mid_epoch_checkpoint(cfg.model_dir)
+    if mid_path is None or mid_step <= epochs_done * steps:
+        mid_step = 0
+    (epochs_done, mid_step), _ = agreement.chief_values([epochs_done, mid_step])
+    if mid_step:
+        path, step = run_folder.mid_epoch_checkpoint_path(cfg.model_dir, mid_step), mid_step
+        epochs_done = mid_step // steps
+    elif epochs_done:
+        path, step = checkpoint_path(cfg.model_dir, epochs_done), epochs_done * steps
+    else:
+        path, step = None, 0
+    _, missing = agreement.chief_values([], path is not None and not run_folder.is_complete(path))
+    if missing:
+        raise RuntimeError(
+            f"a worker cannot read {path}, the checkpoint the chief resumes from: every "
+            "worker needs the same view of model_dir (a shared file system or bucket).")
+    return path, step, epochs_done, bool(mid_step)
+
+
+def _preempted_message(cfg, info, steps):
+    step = info["optimizer_step"]
+    if info["path"] is None:
+        where = (f"after epoch {info['epoch']} of {cfg.epochs} (optimizer step {step}); "
+                 f"that state is {checkpoint_path(cfg.model_dir, info['epoch'])}")
+    else:
+        where = (f"at optimizer step {step} (epoch {info['epoch']} of {cfg.epochs}, step "
+                 f"{step - (info['epoch'] - 1) * steps} of {steps}); checkpoint saved: "
+                 f"{info['path']}")
+    return (f"preempted (SIGTERM) {where}. Run the same command again to resume from "
+            f"optimizer step {step}.")
+
+
 def run(cfg, log=print, on_ready=None, callbacks=()):
     """Pretrain with WCL as `cfg` says, resuming a run in cfg.model_dir; returns results.
 
     The results dict is also written to results.json. A finished run in cfg.model_dir is
     not trained again: its results.json is returned. on_ready(cfg), if given, is called
-    once model_dir is known to be usable (the CLI writes flags.txt there). callbacks:
-    extra Keras callbacks for model.fit. Raises ConfigError / DataError before the first
-    step for bad settings or data, NonFiniteLossError when a non-finite step stops
-    training (the epoch checkpoints stay as they were).
+    once model_dir is known to be usable (the CLI writes flags.txt there; not on a
+    multi-worker run's non-chief workers, which write nothing). callbacks: extra Keras
+    callbacks for model.fit. Raises ConfigError / DataError before the first step for bad
+    settings or data, NonFiniteLossError when a non-finite step stops training (the
+    epoch checkpoints stay as they were), Preempted when SIGTERM stopped training (the
+    state after the last step is saved; the same call resumes).
     """
     cfg.validate()
-    _prepare_model_dir(cfg)
-    if on_ready is not None:
+    writes = strategy_lib.is_chief(cfg.strategy)  # Multi-worker: the chief only.
+    _prepare_model_dir(cfg, writes)
+    if on_ready is not None and writes:
         on_ready(cfg)
     done = finished_results(cfg)
     if done is not None:
@@ -347,56 +457,101 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         f"peak lr {cfg.learning_rate():.4g}")
 
     model = build(cfg, strategy, steps)
-    _check_disk_space(cfg, model)
-    epochs_done, path = latest_checkpoint(cfg.model_dir)
+    if writes:
+        _check_disk_space(cfg, model)
+    agreement = distributed.WorkerAgreement(strategy)
+    path, initial_step, epochs_done, mid_epoch = _resume_point(cfg, steps, agreement)
     rows, state = run_folder.read_history(cfg.model_dir, epochs_done)
     random_top1 = state.get("random_encoder_knn_top1")
     if random_top1 is None:  # Before restoring: the weights are the random ones here.
         random_top1 = _knn(model.backbone, arrays, cfg)
     if random_top1 is not None:
         log(f"kNN top-1 of the randomly initialised encoder: {100 * random_top1:.2f}%")
-    initial_step = 0
+    into_epoch = 0
     if path is not None:
-        initial_step = restore(model, path, strategy)
-        log(f"resuming from epoch {epochs_done} of {cfg.epochs} ({path}, optimizer step "
-            f"{initial_step})")
-        if initial_step != epochs_done * steps:
-            log(f"warning: {path} holds {initial_step} optimizer steps, not "
-                f"{epochs_done} x {steps}; the data pipeline starts at step "
-                f"{initial_step}")
-    # tf.data ops take TensorFlow's global seed with their own: make it cfg.seed's.
-    with seeding.scoped(cfg.seed):
-        dataset, _ = pipeline.distribute_pretrain_dataset(strategy, cfg,
-                                                          initial_step=initial_step)
+        expected, initial_step = initial_step, restore(model, path, strategy)
+        if mid_epoch:
+            into_epoch = initial_step - epochs_done * steps
+            log(f"resuming in epoch {epochs_done + 1} of {cfg.epochs} at step {into_epoch} "
+                f"of {steps} ({path}, optimizer step {initial_step})")
+        else:
+            log(f"resuming from epoch {epochs_done} of {cfg.epochs} ({path}, optimizer "
+                f"step {initial_step})")
+        if initial_step != expected:
+            log(f"warning: {path} holds {initial_step} optimizer steps, not {expected}; "
+                f"the data pipeline starts at step {initial_step}")
+        if writes:  # Older mid-epoch checkpoints are superseded (a kill before cleanup).
+            run_folder.remove_mid_epoch_checkpoints(cfg.model_dir, initial_step)
 
-    is_chief = strategy.extended.should_checkpoint
+    def dataset_from(step):
+        # tf.data ops take TensorFlow's global seed with their own: make it cfg.seed's.
+        with seeding.scoped(cfg.seed):
+            return pipeline.distribute_pretrain_dataset(strategy, cfg, initial_step=step)[0]
+
+    dataset = dataset_from(initial_step)
     state = {"random_encoder_knn_top1": random_top1,
              "train_seconds": state.get("train_seconds", 0.0), "history": rows}
-    run_folder.makedirs(run_folder.join(cfg.model_dir, CHECKPOINT_DIR))
-    if is_chief:  # Drops rows of epochs not checkpointed.
+    if writes:  # Drops rows of epochs not checkpointed.
+        run_folder.makedirs(run_folder.join(cfg.model_dir, CHECKPOINT_DIR))
         run_folder.write_history_csv(cfg.model_dir, rows)
     guard = callbacks_lib.NonFiniteGuard(cfg.skip_nonfinite_steps, log)
-    checkpoint = _EpochCheckpoint(cfg.model_dir, rows, state, write=is_chief, guard=guard,
+    checkpoint = _EpochCheckpoint(cfg.model_dir, rows, state, write=writes, guard=guard,
                                   keep=cfg.keep_checkpoints)
+
+    def save_mid_epoch(step):
+        path = run_folder.mid_epoch_checkpoint_path(cfg.model_dir, step)
+        if writes:
+            state.update(train_seconds=round(checkpoint.train_seconds(), 1))
+            run_folder.write_json(run_folder.join(cfg.model_dir, STATE_FILE), state)
+            run_folder.save_model(model, path)
+            if run_folder.is_complete(path):
+                run_folder.remove_mid_epoch_checkpoints(cfg.model_dir, step)
+        return path
+
+    preemption = callbacks_lib.PreemptionGuard(save_mid_epoch, agree=agreement.any_worker)
     all_callbacks = _monitors(cfg, arrays) + [
         _LearningRateLogger(),
         guard,
-        checkpoint,
-        keras.callbacks.TensorBoard(run_folder.join(cfg.model_dir, run_folder.LOG_DIR),
-                                    update_freq="epoch"),
-        *callbacks,
+        checkpoint,  # Before the preemption guard: an epoch's end saves first.
+        preemption,
     ]
+    if writes:
+        all_callbacks.append(keras.callbacks.TensorBoard(
+            run_folder.join(cfg.model_dir, run_folder.LOG_DIR), update_freq="epoch"))
+    all_callbacks += list(callbacks)
+
+    def stopped():
+        return guard.tripped is not None or preemption.preempted is not None
+
     train_seconds = state["train_seconds"]
-    if epochs_done < cfg.epochs:
-        model.fit(dataset, epochs=cfg.epochs, initial_epoch=epochs_done,
+    epoch = epochs_done
+    if epoch < cfg.epochs and into_epoch:
+        # The rest of the interrupted epoch: Keras gives every epoch of one fit() the same
+        # number of steps, so it is a fit() of its own, stopped after that epoch (epochs
+        # still count to cfg.epochs in the logs and callbacks).
+        stop = _StopAfterOneEpoch()
+        model.fit(dataset, epochs=cfg.epochs, initial_epoch=epoch,
+                  steps_per_epoch=steps - into_epoch, callbacks=all_callbacks + [stop],
+                  verbose=cfg.verbose, shuffle=False)
+        train_seconds = checkpoint.train_seconds()
+        epoch += 1
+        if stop.other:  # A user callback (EarlyStopping, ...) ended training.
+            epoch = cfg.epochs
+        elif epoch < cfg.epochs and not stopped():
+            dataset = dataset_from(epoch * steps)
+    if epoch < cfg.epochs and not stopped():
+        model.fit(dataset, epochs=cfg.epochs, initial_epoch=epoch,
                   steps_per_epoch=steps, callbacks=all_callbacks,
                   verbose=cfg.verbose, shuffle=False)
         train_seconds = checkpoint.train_seconds()
     if guard.tripped is not None:
         raise NonFiniteLossError(_nonfinite_message(cfg, guard.tripped, cfg.model_dir))
+    if preemption.preempted is not None:
+        raise Preempted(_preempted_message(cfg, preemption.preempted, steps),
+                        preemption.preempted)
 
     final_path = run_folder.join(cfg.model_dir, FINAL_CHECKPOINT)
-    if is_chief:
+    if writes:
         run_folder.save_model(model, final_path)
     knn_history = [[r["epoch"], r["knn_top1"]] for r in rows if "knn_top1" in r]
     final_row = rows[-1] if rows else {}
@@ -412,6 +567,7 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         "epochs": cfg.epochs,
         "completed_epochs": final_row.get("epoch", 0),
         "resumed_from_epoch": epochs_done,
+        "resumed_from_step": initial_step,
         "steps_per_epoch": steps,
         "optimizer_steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         "replicas": replicas,
@@ -420,7 +576,7 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         "graph_key_grad": cfg.graph_key_grad,
         "checkpoint": final_path,
     }
-    if is_chief:
+    if writes:
         run_folder.write_json(run_folder.join(cfg.model_dir, RESULTS_FILE), results)
     log(_summary(cfg, results))
     return results
