@@ -90,3 +90,17 @@ def test_ops_compares_every_augmentation_op(tmp_path):
         "Gaussian blur (all images)", "horizontal flip"]
     assert all(r["wcl_tf_images_per_s"] > 0 and r["keras_cv_images_per_s"] > 0
                for r in result["rows"])
+
+
+def test_gpu_check_runs_and_reports_step_host_and_ratio(tmp_path):
+    """The prepared accelerator check (docs/performance.md) runs end to end; on this CPU
+    it says no GPU is visible, and its ratio is host images/s over step images/s."""
+    result, stdout = _run(tmp_path, "gpu", "--config=demo", "--backbone=small_cnn", "--width=4",
+                          "--global_batch_size=8", "--image_size=16", "--head_hidden_dim=16",
+                          "--head_output_dim=8", "--max_train_examples=64")
+    row = result["rows"][0]
+    assert "no GPU or TPU visible" in stdout and row["accelerator"] is False
+    assert row["batch"] == 8 and row["step_images_per_s"] > 0
+    assert row["host_device_recipe_images_per_s"] > 0 and row["host_only_recipe_images_per_s"] > 0
+    assert abs(row["ratio_device_recipe"] - row["host_device_recipe_images_per_s"]
+               / row["step_images_per_s"]) < 0.01 * row["ratio_device_recipe"] + 0.01

@@ -8,6 +8,8 @@
     python -m wcl_tf.tools.benchmark profile --backbone=resnet50 --batch_sizes=32 --image_size=224
     python -m wcl_tf.tools.benchmark ratio --configs=demo,cifar10_r18   # or flagfile paths
     python -m wcl_tf.tools.benchmark ops --image_size=224 --batch_size=32
+    python -m wcl_tf.tools.benchmark gpu --config=r50 --global_batch_size=256 \
+        --precision=mixed_bfloat16 --dataset=folder:/data/imagenet --train_split=train
 
 The run being timed is described by wcl_tf.train's own flags (every Config field:
 --backbone, --image_size, --num_local_crops, --knn_crops, --precision, --sync_bn, --blur,
@@ -116,7 +118,7 @@ def _machine():
 
     gpus = tf.config.list_physical_devices("GPU")
     device = (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
-              if gpus else f"CPU only, {os.cpu_count()} cores")
+              if gpus else f"CPU only, {_cores()} cores")
     return f"{platform.processor() or platform.machine()}, {device}, TensorFlow {tf.__version__}"
 
 
@@ -412,6 +414,14 @@ def bench_ops():
     return rows, "\n".join([header] + lines)
 
 
+def _cores():
+    """CPU cores this process may run on (taskset / cgroup affinity), for per-core rates."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # Not on Linux.
+        return os.cpu_count()
+
+
 def _images_per_s(iterator, batch, batches, warmup):
     """Median over --repeats of the images/s of `batches` batches of `batch` images drawn
     from `iterator`, after `warmup` untimed batches."""
@@ -429,7 +439,7 @@ def _images_per_s(iterator, batch, batches, warmup):
 def bench_pipeline():
     import tensorflow as tf
 
-    from wcl_tf.data import pipeline, sources
+    from wcl_tf.data import augment, pipeline, sources
 
     cfg = train_config().validate()
     batch = _batch_size(cfg)
@@ -448,11 +458,13 @@ def bench_pipeline():
     row = {"augment": FLAGS.augment, "dataset": cfg.dataset, "image_size": cfg.image_size,
            "blur": cfg.blur, "local_crops": cfg.num_local_crops,
            "local_crop_size": cfg.local_crop_size, "batch": batch,
-           "images_per_s": round(rate, 1), "images_per_s_per_core": round(rate / os.cpu_count(), 1)}
+           "images_per_s": round(rate, 1), "images_per_s_per_core": round(rate / _cores(), 1),
+           "augment_on": "device" if augment.augment_on_device(cfg.augment_on) else "host"}
     print(f"  {row}", flush=True)
-    header = ("| augmentation | px | blur | local crops | images/s (each with all its views) | "
-              "per core |\n|---|---|---|---|---|---|")
-    line = (f"| {row['augment']} | {row['image_size']} | {'yes' if row['blur'] else 'no'} | "
+    header = ("| augmentation | on | px | blur | local crops | images/s (each with all its "
+              "views) | per core |\n|---|---|---|---|---|---|---|")
+    line = (f"| {row['augment']} | {row['augment_on']} (host side) | {row['image_size']} | "
+            f"{'yes' if row['blur'] else 'no'} | "
             f"{row['local_crops']}"
             f"{'x' + str(row['local_crop_size']) if row['local_crops'] else ''} | "
             f"{row['images_per_s']:.0f} | {row['images_per_s_per_core']:.0f} |")
@@ -491,7 +503,7 @@ def bench_ratio():
                      "image_size": cfg.image_size, "blur": cfg.blur,
                      "local_crops": cfg.num_local_crops,
                      "pipeline_images_per_s": round(pipeline_rate, 1),
-                     "pipeline_images_per_s_per_core": round(pipeline_rate / os.cpu_count(), 1),
+                     "pipeline_images_per_s_per_core": round(pipeline_rate / _cores(), 1),
                      "step_s": round(median, 4), "step_images_per_s": round(step_rate, 2),
                      "ratio": round(pipeline_rate / step_rate, 1)})
         print(f"  {rows[-1]}", flush=True)
@@ -504,10 +516,58 @@ def bench_ratio():
     return rows, "\n".join([header] + lines)
 
 
+def bench_gpu():
+    """The accelerator check of one short run: the train step's images/s at the run's
+    global batch with device-side augmentation (uint8 crops in, jitter/grayscale/blur/flip
+    in the step), the host pipeline's images/s (decode + crops only) with all the
+    machine's cores, and their ratio; the host-only recipe's images/s too, for the
+    comparison. Meant for one GPU (see docs/performance.md for the command); on a CPU it
+    runs the same way and says so."""
+    import keras
+    import tensorflow as tf
+
+    from wcl_tf.data import pipeline
+
+    cfg = train_config().validate()
+    batch = _batch_sizes(cfg)[0]
+    accelerator = bool(tf.config.list_physical_devices("GPU")
+                       or tf.config.list_logical_devices("TPU"))
+    if not accelerator:
+        print("benchmark gpu: no GPU or TPU visible; the figures below are this CPU's.",
+              flush=True)
+    step_cfg = cfg.replace(global_batch_size=batch, augment_on="device")
+    _, step, iterator = _step_setup(step_cfg)
+    median, _ = _timed(lambda: float(step(iterator)["loss"]), FLAGS.warmup, FLAGS.repeats)
+    step_rate = batch / median
+    keras.backend.clear_session()
+    rates = {}
+    batches = max(2, 2048 // batch // (1 if cfg.image_size <= 64 else 8))
+    for where in ("device", "host"):  # Host side of the device recipe; host-only recipe.
+        data_cfg = cfg.replace(global_batch_size=batch, weak_aug_epochs=0, augment_on=where)
+        rates[where] = _images_per_s(iter(pipeline.make_pretrain_dataset(data_cfg, batch)),
+                                     batch, batches, 3)
+    row = {"accelerator": accelerator, "backbone": cfg.backbone, "image_size": cfg.image_size,
+           "batch": batch, "precision": cfg.precision, "dataset": cfg.dataset,
+           "step_s": round(median, 4), "step_images_per_s": round(step_rate, 1),
+           "host_cores": _cores(),
+           "host_device_recipe_images_per_s": round(rates["device"], 1),
+           "host_only_recipe_images_per_s": round(rates["host"], 1),
+           "ratio_device_recipe": round(rates["device"] / step_rate, 2),
+           "ratio_host_recipe": round(rates["host"] / step_rate, 2)}
+    print(f"  {row}", flush=True)
+    header = ("| step (augment on device) images/s | host pipeline, device recipe (images/s) | "
+              "host pipeline, host-only recipe | host / step (device recipe) | host / step "
+              "(host-only) |\n|---|---|---|---|---|")
+    line = (f"| {row['step_images_per_s']:.1f} | {row['host_device_recipe_images_per_s']:.0f} "
+            f"({_cores()} cores) | {row['host_only_recipe_images_per_s']:.0f} | "
+            f"**{row['ratio_device_recipe']:.2f}x** | {row['ratio_host_recipe']:.2f}x |")
+    return [row], header + "\n" + line
+
+
 def _main(argv):
     modes = {"step": bench_step, "weak_labels": bench_weak_labels,
              "pipeline": bench_pipeline, "profile": bench_profile, "ratio": bench_ratio,
-             "ops": bench_ops}
+             "ops": bench_ops, "gpu": bench_gpu}
     if len(argv) != 2 or argv[1] not in modes:
         raise app.UsageError(f"usage: benchmark.py {'|'.join(modes)} [--flags]")
     logging.set_verbosity(logging.WARNING)
