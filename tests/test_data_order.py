@@ -216,6 +216,8 @@ def test_streamed_tfds_resumes_exactly_and_reshuffles_each_epoch(monkeypatch):
     cfg = Config(dataset="cifar10", data_dir=SHARED_TFDS, train_split="test",
                  image_size=32, max_train_examples=96, global_batch_size=16,
                  weak_aug_epochs=100, seed=5)
+    # Private on purpose: which of the three source kinds serves the split is an internal
+    # choice, and this test is about the streamed kind.
     assert pipeline._training_source(cfg)[0] == "stream"
     views = [b["view_1"].numpy() for b in pipeline.make_pretrain_dataset(
         cfg, 16, steps_per_epoch=5, weak_spec=IDENTITY).take(12)]

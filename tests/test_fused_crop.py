@@ -58,6 +58,8 @@ def _assert_same_windows(contents, seed, size, scale):
     boxes_header = augment.crop_boxes(4, scale, RATIO, seed, image_aspect=tf.cast(
         header[1], tf.float32) / tf.cast(header[0], tf.float32))
     np.testing.assert_array_equal(boxes_full.numpy(), boxes_header.numpy())
+    # _window_geometry is private: the fused decode must cut the very window the full
+    # decode resamples, and only the geometry function says which that is.
     for box in boxes_full:
         full = augment._window_geometry(box, size, full_shape[0], full_shape[1])
         fused = augment._window_geometry(box, size, header[0], header[1])

@@ -70,7 +70,7 @@ def test_guard_stops_at_first_nonfinite_step_by_default():
     assert guard.tripped is not None
     assert guard.tripped["optimizer_step"] == 2 and guard.tripped["batch"] == 3
     assert guard.tripped["learning_rate"] == pytest.approx(
-        float(model.optimizer._learning_rate(2)))
+        float(model.optimizer._learning_rate(2)))  # Keras' schedule lookup (private)
     assert all(np.isfinite(w).all() for w in _weights(model))
 
 

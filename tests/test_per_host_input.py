@@ -83,6 +83,8 @@ def test_single_file_split_is_split_by_examples(shared_cifar):
     whole, n, _ = sources.load_split("cifar10", "test[:300]", SHARED_TFDS)
     whole = _keys(whole.map(lambda image, label: image))
     parts = []
+    # Private on purpose: the per-host share is what _training_source reads, before any
+    # batching or augmentation could hide which examples a pipeline saw.
     for ctx in _contexts():
         kind, source, num_examples = pipeline._training_source(cfg, ctx)
         assert kind == "stream" and num_examples == n == 300

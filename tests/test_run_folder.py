@@ -146,6 +146,8 @@ def test_training_resume_and_export_on_a_url(tmp_path):
     export_dir = run_folder.join(model_dir, "export")
     argv = ["export", f"--model_dir={model_dir}"]
     flags.FLAGS(argv)
+    # The tool's _main in-process (not its CLI in a subprocess): a ram:// folder lives in
+    # this process only.
     try:
         assert export_tool._main(["export"]) == 0
     finally:

@@ -37,6 +37,7 @@ def test_run_writes_checkpoints_logs_and_results(tmp_path):
 
 
 def test_model_dir_with_other_settings_is_refused(tmp_path):
+    # _prepare_model_dir is private: it is run()'s first check, tested without training.
     cfg = Config(model_dir=str(tmp_path), **TINY)
     training._prepare_model_dir(cfg)
     # No checkpoint yet (e.g. the first try stopped on a wrong data_dir): may be retried.
