@@ -116,3 +116,11 @@ def test_gpu_check_runs_and_reports_step_host_and_ratio(tmp_path):
     assert row["host_device_recipe_images_per_s"] > 0 and row["host_only_recipe_images_per_s"] > 0
     assert abs(row["ratio_device_recipe"] - row["host_device_recipe_images_per_s"]
                / row["step_images_per_s"]) < 0.01 * row["ratio_device_recipe"] + 0.01
+
+
+def test_photometric_benchmark_times_both_forms(tmp_path):
+    result, _ = _run(tmp_path, "photometric", "--image_size=16", "--batch_size=4",
+                     "--threads=1", "--blur")
+    forms = [r["form"] for r in result["rows"]]
+    assert forms == ["host (drawn images only)", "static shapes"]
+    assert all(r["ms_per_view"] > 0 and r["blur"] for r in result["rows"])

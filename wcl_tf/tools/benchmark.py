@@ -8,6 +8,7 @@
     python -m wcl_tf.tools.benchmark profile --backbone=resnet50 --batch_sizes=32 --image_size=224
     python -m wcl_tf.tools.benchmark ratio --configs=demo,cifar10_r18   # or flagfile paths
     python -m wcl_tf.tools.benchmark ops --image_size=224 --batch_size=32
+    python -m wcl_tf.tools.benchmark photometric --image_size=224 --batch_size=32 --threads=1
     python -m wcl_tf.tools.benchmark gpu --config=r50 --global_batch_size=256 \
         --precision=mixed_bfloat16 --dataset=folder:/data/imagenet --train_split=train
 
@@ -67,6 +68,7 @@ flags.DEFINE_string("stand_in_dataset", "cifar10", "ratio: dataset timed (at the
                     "cannot be loaded.")
 flags.DEFINE_integer("max_step_batch", 128, "ratio: time the step and pipeline at "
                      "min(global batch, this) images.")
+flags.DEFINE_integer("threads", 0, "photometric: TensorFlow threads (0: all).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps first.")
 flags.DEFINE_integer("repeats", 5, "Timed steps.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
@@ -402,8 +404,8 @@ def bench_ops():
             x, spec.brightness, spec.contrast, spec.saturation, spec.hue, seed),
         "grayscale": lambda x: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 1, 3]),
         "Gaussian blur (all images)": lambda x: augment.gaussian_blur(x, kernel, sigma),
-        "horizontal flip": lambda x: augment.apply_with_prob(
-            0.5, seed, tf.reverse(x, axis=[2]), x),
+        "horizontal flip": lambda x: augment.flip_left_right(
+            x, tf.random.stateless_uniform([batch], seed) < 0.5),
     }
     layers = {
         "random resized crop": keras_cv.layers.RandomCropAndResize(
@@ -432,6 +434,39 @@ def bench_ops():
     lines = [f"| {r['op']} | {r['wcl_tf_images_per_s']:.0f} | {r['layer']} | "
              f"{r['keras_cv_images_per_s']:.0f} |" for r in rows]
     return rows, "\n".join([header] + lines)
+
+
+def bench_photometric():
+    """The recipe after the crop (jitter p=0.8, grayscale, [blur,] flip: what the device
+    runs with --augment_on=device), ms per view: the host form (each op on the images drawn
+    for it) and the static-shape form (XLA, TPUs), on one batch of uint8 crops, with
+    --threads intra-op threads (1: per core)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from wcl_tf.data import augment
+
+    if FLAGS.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
+    cfg = train_config()
+    size, batch = cfg.image_size, _batch_size(cfg)
+    crops = tf.constant(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3)),
+                        tf.uint8)
+    seed = tf.constant([1, 2], tf.int64)
+    augmenter = augment.view_augmenter(size, cfg.blur)
+    rows = []
+    for form, static in (("host (drawn images only)", False), ("static shapes", True)):
+        fn = tf.function(lambda x, s=static: augmenter(x, augment.STRONG, seed, crop=False,
+                                                       static_shapes=s))
+        median, _ = _timed(lambda fn=fn: fn(crops).numpy(), FLAGS.warmup, FLAGS.repeats)
+        rows.append({"form": form, "image_size": size, "batch": batch, "blur": cfg.blur,
+                     "threads": FLAGS.threads, "ms_per_view": round(1000 * median / batch, 2)})
+        print(f"  {rows[-1]}", flush=True)
+    header = (f"| after the crop ({size} px, batch {batch}, blur {'on' if cfg.blur else 'off'}, "
+              f"{FLAGS.threads or 'all'} thread(s)) | ms per view |\n|---|---|")
+    return rows, "\n".join([header] + [f"| {r['form']} | {r['ms_per_view']:.2f} |"
+                                         for r in rows])
 
 
 def _cores():
@@ -587,7 +622,7 @@ def bench_gpu():
 def _main(argv):
     modes = {"step": bench_step, "weak_labels": bench_weak_labels,
              "pipeline": bench_pipeline, "profile": bench_profile, "ratio": bench_ratio,
-             "ops": bench_ops, "gpu": bench_gpu}
+             "ops": bench_ops, "gpu": bench_gpu, "photometric": bench_photometric}
     if len(argv) != 2 or argv[1] not in modes:
         raise app.UsageError(f"usage: benchmark.py {'|'.join(modes)} [--flags]")
     logging.set_verbosity(logging.WARNING)
