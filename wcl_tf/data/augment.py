@@ -530,8 +530,8 @@ def grayscale_layer():
 
 def augment_on_device(augment_on):
     """Whether the photometric augmentation runs in train_step: "device" yes, "host" no,
-    "auto" where TensorFlow sees a GPU or TPU (on a CPU the host path is as fast and
-    keeps the replicated step free of it)."""
+    "auto" where TensorFlow sees a GPU or TPU (on a CPU-only machine both forms use the
+    same cores, and tf.data overlaps the host form with the step)."""
     if augment_on not in AUGMENT_ON:
         raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {augment_on!r}")
     if augment_on == "auto":
