@@ -10,16 +10,28 @@ _SCRIPT = os.path.join(os.path.dirname(__file__), "determinism_run.py")
 _STEPS = 4
 
 
-def _losses(model_dir, seed):
-    out = subprocess.run([sys.executable, _SCRIPT, str(model_dir), str(seed), str(_STEPS)],
-                         capture_output=True, text=True, timeout=600, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _losses(runs):
+    """{name: per-step losses} of determinism_run.py for each (name, model_dir, seed), the
+    processes run side by side (their start-ups overlap)."""
+    procs = {name: subprocess.Popen([sys.executable, _SCRIPT, str(model_dir), str(seed),
+                                     str(_STEPS)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, model_dir, seed in runs}
+    out = {}
+    try:
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr[-3000:]
+            out[name] = json.loads(stdout.strip().splitlines()[-1])
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    return out
 
 
 def test_same_seed_same_losses_in_two_processes(tmp_path):
-    first = _losses(tmp_path / "a", seed=3)
-    second = _losses(tmp_path / "b", seed=3)
-    assert len(first) == _STEPS
-    assert first == second  # bit-identical floats
-    other = _losses(tmp_path / "c", seed=4)
-    assert other != first
+    losses = _losses([("first", tmp_path / "a", 3), ("second", tmp_path / "b", 3),
+                      ("other", tmp_path / "c", 4)])
+    assert len(losses["first"]) == _STEPS
+    assert losses["first"] == losses["second"]  # bit-identical floats
+    assert losses["other"] != losses["first"]

@@ -43,6 +43,7 @@ _BAD_SETTINGS = [
     ({"steps_per_epoch": -1}, "steps_per_epoch must be >= 0"),
     ({"keep_checkpoints": -1}, "keep_checkpoints must be >= 0"),
     ({"on_bad_image": "ignore"}, "on_bad_image must be 'skip' or 'fail'"),
+    ({"augment_on": "gpu"}, "augment_on must be one of"),
     ({"skip_nonfinite_steps": -1}, "skip_nonfinite_steps must be >= 0"),
     ({"steps_per_execution": 0}, "steps_per_execution must be >= 1"),
     ({"max_train_examples": -5}, "max_train_examples must be >= 0"),
