@@ -72,20 +72,36 @@ def test_cli_demo_flagfile_runs_and_reports_knn(tmp_path):
     assert "--dataset=embedded_mnist" in flags_txt and "--epochs=1" in flags_txt
 
 
-@pytest.mark.parametrize("args,message", [
+_BAD_INPUTS = [
     (["--temperature=0"], "temperature must be > 0"),
     (["--warmup_epochs=50", "--epochs=10"], "warmup_epochs must be between 0 and epochs"),
     (["--dataset=cifar10", "--data_dir={tmp}"], "not prepared"),
     (["--dataset=no_such_dataset_xyz"], "no_such_dataset_xyz"),
     (["--global_batch_size=8192"], "global batch"),
-])
-def test_cli_bad_input_gives_one_clear_message(tmp_path, args, message):
-    args = [a.replace("{tmp}", str(tmp_path / "empty")) for a in args]
-    out = _cli("--flagfile=configs/demo.flags", f"--model_dir={tmp_path / 'run'}", *args,
-               timeout=120)
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    assert message in out.stderr
-    assert "Traceback" not in out.stderr
+]
+
+
+def test_cli_bad_input_gives_one_clear_message(tmp_path):
+    """Each bad input: exit status 2, one line naming it, no traceback. The five CLI
+    processes run side by side (their TensorFlow start-ups overlap)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    procs = []
+    for k, (args, message) in enumerate(_BAD_INPUTS):
+        args = [a.replace("{tmp}", str(tmp_path / "empty")) for a in args]
+        command = [sys.executable, "-m", "wcl_tf.train", "--flagfile=configs/demo.flags",
+                   f"--model_dir={tmp_path / f'run{k}'}", *args]
+        procs.append((message, subprocess.Popen(command, cwd=ROOT, env=env, text=True,
+                                                stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE)))
+    try:
+        for message, proc in procs:
+            stdout, stderr = proc.communicate(timeout=240)
+            assert proc.returncode == 2, (message, stdout[-2000:] + stderr[-2000:])
+            assert message in stderr, (message, stderr[-2000:])
+            assert "Traceback" not in stderr
+    finally:
+        for _, proc in procs:
+            proc.kill()
 
 
 def test_cli_unknown_backbone_is_refused_by_the_flag_parser(tmp_path):

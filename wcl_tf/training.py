@@ -265,6 +265,10 @@ def build(cfg, strategy, steps_per_epoch):
     return model
 
 
+def _augment_side(cfg):
+    return "device" if augment.augment_on_device(cfg.augment_on) else "host"
+
+
 def device_augmentation(cfg):
     """The model's ViewAugmentation when cfg.augment_on resolves to the device (the input
     pipeline then yields uint8 crops), else None."""
@@ -454,7 +458,7 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         f"{replicas} replica(s), global batch {cfg.global_batch_size}, "
         f"{steps} steps x {cfg.epochs} epochs, lambda={cfg.graph_loss_weight}, "
         f"gather_grad={cfg.gather_grad}, graph_key_grad={cfg.graph_key_grad}, "
-        f"peak lr {cfg.learning_rate():.4g}")
+        f"augmentation on the {_augment_side(cfg)}, peak lr {cfg.learning_rate():.4g}")
 
     model = build(cfg, strategy, steps)
     if writes:
@@ -574,6 +578,7 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         "graph_loss_weight": cfg.graph_loss_weight,
         "gather_grad": cfg.gather_grad,
         "graph_key_grad": cfg.graph_key_grad,
+        "augment_on": _augment_side(cfg),  # cfg.augment_on resolved ("auto")
         "checkpoint": final_path,
     }
     if writes:
