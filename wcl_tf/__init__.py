@@ -7,10 +7,14 @@ TensorFlow):
     cfg = wcl_tf.Config(dataset="embedded_mnist", image_size=28, backbone="small_cnn",
                         epochs=5)
     model = wcl_tf.build_model(cfg)               # compiled: LARS + warm-up cosine
-    dataset = wcl_tf.pretrain_dataset(cfg)        # endless, per replica, views in tf.data
+    dataset = wcl_tf.pretrain_dataset(cfg)        # endless, per replica (see below)
     model.fit(dataset, epochs=cfg.epochs)         # steps_per_epoch comes from the model
 
 `wcl_tf.run(cfg)` does all of it with checkpoints, resume, TensorBoard and kNN.
+
+Where the augmentation runs follows cfg.augment_on in both: "host" makes the views in
+tf.data; "device" ("auto" with a GPU/TPU) makes only the crops there (uint8) and the
+model augments them in its train step. Build both from the same cfg.
 """
 
 __version__ = "0.1.0"
@@ -44,7 +48,8 @@ def build_model(cfg, strategy=None):
 
 def pretrain_dataset(cfg, strategy=None, initial_step=0):
     """The endless distributed dataset of views for `cfg` (default strategy: the current
-    one). initial_step: the optimizer step to start from (a resumed model's
+    one): augmented float views, or their uint8 crops when cfg.augment_on resolves to the
+    device (the model from build_model(cfg) augments those). initial_step: the optimizer step to start from (a resumed model's
     `optimizer.iterations`), so that augmentation phase and data order continue."""
     from wcl_tf.data import pipeline
 
