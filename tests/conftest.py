@@ -20,6 +20,19 @@ SHARED_TFDS = os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tfds"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only with WCL_SLOW_TESTS=1: CI (the README's test command)
+    must stay within 20 minutes on a 2-core box; the slow tier repeats what the default
+    tier covers in a heavier form (benchmark modes other than step/gpu, a second
+    two-worker run, two-worker numerics that the mirrored tests already pin down)."""
+    if os.environ.get("WCL_SLOW_TESTS"):
+        return
+    skip = pytest.mark.skip(reason="slow tier: set WCL_SLOW_TESTS=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

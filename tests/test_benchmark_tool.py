@@ -48,6 +48,7 @@ def test_a_flagfile_means_to_the_benchmark_what_it_means_to_training(tmp_path):
     assert command_line == trained and listed == trained
 
 
+@pytest.mark.slow
 def test_weak_label_benchmark(tmp_path):
     result, stdout = _run(tmp_path, "weak_labels", "--sizes=64,128", "--dim=8")
     assert [r["n"] for r in result["rows"]] == [64, 128]
@@ -72,6 +73,7 @@ def test_step_benchmark_with_local_crops_and_device_augmentation(tmp_path):
     assert "%)" in stdout
 
 
+@pytest.mark.slow
 def test_profile_attributes_op_time_to_parts(tmp_path):
     result, stdout = _run(tmp_path, "profile", "--backbone=small_cnn", "--width=4",
                           "--batch_sizes=8", "--image_size=16", "--head_hidden_dim=16",
@@ -83,6 +85,7 @@ def test_profile_attributes_op_time_to_parts(tmp_path):
     assert "| op family |" in stdout
 
 
+@pytest.mark.slow
 def test_ratio_reads_a_shipped_flagfile(tmp_path):
     result, _ = _run(tmp_path, "ratio", "--configs=configs/demo.flags", "--max_step_batch=8")
     (row,) = result["rows"]
@@ -92,6 +95,7 @@ def test_ratio_reads_a_shipped_flagfile(tmp_path):
         row["pipeline_images_per_s"] / row["step_images_per_s"], abs=0.11)
 
 
+@pytest.mark.slow
 def test_ops_compares_every_augmentation_op(tmp_path):
     result, _ = _run(tmp_path, "ops", "--image_size=16", "--batch_size=4")
     assert [r["op"] for r in result["rows"]] == [
@@ -115,6 +119,7 @@ def test_gpu_check_runs_and_reports_step_host_and_ratio(tmp_path):
                / row["step_images_per_s"]) < 0.01 * row["ratio_device_recipe"] + 0.01
 
 
+@pytest.mark.slow
 def test_photometric_benchmark_times_both_forms(tmp_path):
     result, _ = _run(tmp_path, "photometric", "--image_size=16", "--batch_size=4",
                      "--threads=1", "--blur")

@@ -90,6 +90,7 @@ def _wait_workers(procs, tmp_path):
     return [dict(np.load(out)) for _, _, out in procs]
 
 
+@pytest.mark.slow  # ~45 s of two processes; mirrored equality: test_wcl_model
 def test_two_workers_equal_one_device(tmp_path):
     init = mws.build_model().get_weights()
     init_path = tmp_path / "init.npz"

@@ -151,8 +151,7 @@ def test_two_workers_sigkilled_in_epoch_2_resume_from_the_chiefs_checkpoint(tmp_
     assert results["resumed_from_epoch"] == 1
 
 
-@pytest.mark.skipif(not os.environ.get("WCL_SLOW_TESTS"),
-                    reason="~75 s more of two-worker runs; set WCL_SLOW_TESTS=1")
+@pytest.mark.slow  # ~75 s more of two-worker runs (WCL_SLOW_TESTS=1)
 def test_sigterm_to_one_worker_stops_both_after_the_same_step(tmp_path):
     model_dir = tmp_path / "run"
     ports = _free_ports(2)
