@@ -133,17 +133,26 @@ def _finish(tmp_path, name, ports, model_dir, chief_pids, resumed):
     return results
 
 
+def _until_epoch_2(tmp_path, ports, model_dir, chief_pids, then=None):
+    """The first attempt: both workers started, `then(workers)` run once epoch 2 begins
+    (nothing by default), then whatever still runs is SIGKILLed. Returns (workers, what
+    `then` returned); the chief's pid is appended to chief_pids."""
+    first = _Workers(tmp_path, "first", ports, model_dir)
+    try:
+        chief_pids.append(first.procs[0].pid)
+        first.wait_for_line(f"Epoch 2/{EPOCHS}")
+        result = then(first) if then is not None else None
+    finally:
+        first.kill()
+    return first, result
+
+
 def test_two_workers_sigkilled_in_epoch_2_resume_from_the_chiefs_checkpoint(tmp_path):
     model_dir = tmp_path / "run"
     ports = _free_ports(2)
     chief_pids = []
     # Both workers SIGKILLed as epoch 2 starts ("Epoch 2/2": epoch 1 is checkpointed).
-    first = _Workers(tmp_path, "first", ports, model_dir)
-    try:
-        chief_pids.append(first.procs[0].pid)
-        first.wait_for_line(f"Epoch 2/{EPOCHS}")
-    finally:
-        first.kill()
+    first, _ = _until_epoch_2(tmp_path, ports, model_dir, chief_pids)
     assert not (model_dir / "results.json").exists()
     assert sorted(os.listdir(model_dir / "checkpoints")) == ["epoch_001.keras"], first.output()
     results = _finish(tmp_path, "again", ports, model_dir, chief_pids,
@@ -158,14 +167,11 @@ def test_sigterm_to_one_worker_stops_both_after_the_same_step(tmp_path):
     chief_pids = []
     # SIGTERM to the non-chief only, during epoch 2 (one preempted VM): both must stop
     # after the same step (else one would wait in an all-reduce), the chief saving it.
-    first = _Workers(tmp_path, "first", ports, model_dir)
-    try:
-        chief_pids.append(first.procs[0].pid)
-        first.wait_for_line(f"Epoch 2/{EPOCHS}")
-        first.procs[1].send_signal(signal.SIGTERM)
-        codes = first.wait()
-    finally:
-        first.kill()
+    def preempt_non_chief(workers):
+        workers.procs[1].send_signal(signal.SIGTERM)
+        return workers.wait()
+
+    first, codes = _until_epoch_2(tmp_path, ports, model_dir, chief_pids, preempt_non_chief)
     out = first.output()
     assert codes == [128 + signal.SIGTERM] * 2, out
     said = [[l for l in _read(log).splitlines() if "preempted (SIGTERM) at" in l]
