@@ -477,6 +477,11 @@ def _cores():
         return os.cpu_count()
 
 
+def _pipeline_batches(cfg, batch):
+    """Batches timed per repeat: about 2,048 images at 32-64 px, 256 at larger sizes."""
+    return max(2, 2048 // batch // (1 if cfg.image_size <= 64 else 8))
+
+
 def _images_per_s(iterator, batch, batches, warmup):
     """Median over --repeats of the images/s of `batches` batches of `batch` images drawn
     from `iterator`, after `warmup` untimed batches."""
@@ -548,7 +553,7 @@ def bench_ratio():
                                max_train_examples=0)
         iterator = iter(pipeline.make_pretrain_dataset(data_cfg, batch))
         pipeline_rate = _images_per_s(
-            iterator, batch, max(2, 2048 // batch // (1 if cfg.image_size <= 64 else 8)), 3)
+            iterator, batch, _pipeline_batches(cfg, batch), 3)
         del iterator
         _, step, step_iterator = _step_setup(cfg.replace(global_batch_size=batch))
         median, _ = _timed(lambda: float(step(step_iterator)["loss"]), FLAGS.warmup,
@@ -596,7 +601,7 @@ def bench_gpu():
     step_rate = batch / median
     keras.backend.clear_session()
     rates = {}
-    batches = max(2, 2048 // batch // (1 if cfg.image_size <= 64 else 8))
+    batches = _pipeline_batches(cfg, batch)
     for where in ("device", "host"):  # Host side of the device recipe; host-only recipe.
         data_cfg = cfg.replace(global_batch_size=batch, weak_aug_epochs=0, augment_on=where)
         rates[where] = _images_per_s(iter(pipeline.make_pretrain_dataset(data_cfg, batch)),
