@@ -198,3 +198,32 @@ def test_every_batched_path_is_pil_bilinear(side, size):
     batched = _batched(image, 6, size, (0.08, 1.0), _seed(10))
     assert batched.shape == (6, size, size, 3)
     assert np.abs(batched - reference).max() <= 1.0
+
+
+@pytest.mark.parametrize("shape,count,size,scale", [
+    ((1500, 1900), 2, 224, (0.6, 1.0)),  # shrunk up to ~8x: wide filters, long bands
+    ((300, 400), 6, 96, (0.05, 0.14)),  # multi-crop local crops
+    ((300, 400), 3, 100, (0.01, 0.02)),  # enlarged; 100 is not a multiple of the block
+    ((37, 53), 4, 40, (0.08, 1.0)),  # a region smaller than a band
+])
+def test_banded_and_window_by_window_crops_are_pil_bilinear(shape, count, size, scale,
+                                                            monkeypatch):
+    """crops_of_image resamples all of an image's windows at once in bands of rows
+    (_resample_in_bands), or, for regions over _BANDED_MAX_PIXELS x crops, window by window
+    with ScaleAndTranslate: both are PIL's resize of every window (noise, the worst case
+    for rounding), and they agree to one grey level."""
+    height, width = shape
+    image = np.random.default_rng(height).integers(0, 256, (height, width, 3)).astype(np.uint8)
+    seed = _seed(height)
+    boxes = augment.crop_boxes(count, scale, RATIO, seed, image_aspect=width / height).numpy()
+    reference = np.stack([_pil_crop(image, box, size) for box in boxes])
+    banded = augment.crops_of_image(tf.constant(image), count, size, scale, RATIO, seed)
+    monkeypatch.setattr(augment, "_BANDED_MAX_PIXELS", 0)
+    window_by_window = augment.crops_of_image(tf.constant(image), count, size, scale, RATIO,
+                                              seed)
+    banded, window_by_window = (c.numpy().astype(np.float32) for c in (banded, window_by_window))
+    assert banded.shape == (count, size, size, 3)
+    assert np.abs(banded - window_by_window).max() <= 1.0
+    for crops in (banded, window_by_window):
+        assert np.abs(crops - reference).max() <= 1.5
+        assert np.abs(crops - reference).mean() < 0.6
