@@ -12,7 +12,6 @@ WCLModel's own fixes (_maybe_symbolic_build and _multi_worker_logs): this test r
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import loopback
 import multi_worker_step as mws
 from wcl_tf.strategy import StrategyError, build_strategy
 
@@ -29,21 +29,6 @@ HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multi_worker_
 NUM_WORKERS = 2
 TIMEOUT_S = 240  # a loaded 2-core CPU took ~120 s; a hang waits this long
 LOG_KEYS = ("loss", "instance_loss", "graph_loss", "instance_acc", "num_components")
-
-
-def _free_ports(n):
-    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _tail(path, lines=60, width=300):
@@ -55,7 +40,7 @@ def _tail(path, lines=60, width=300):
 
 
 def _start_workers(tmp_path, init_path):
-    ports = ",".join(str(p) for p in _free_ports(NUM_WORKERS))
+    ports = ",".join(str(p) for p in loopback.free_ports(NUM_WORKERS))
     env = dict(os.environ)
     env.pop("TF_CONFIG", None)
     env["CUDA_VISIBLE_DEVICES"] = ""

@@ -22,12 +22,13 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+import loopback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS, STEPS = 2, 6
@@ -36,19 +37,6 @@ ARGS = ["--config=demo", "--image_size=16", "--width=4", "--head_hidden_dim=16",
         f"--steps_per_epoch={STEPS}", "--weak_aug_epochs=1", "--max_train_examples=256",
         "--max_eval_examples=64", "--knn_k=5", "--verbose=2", "--strategy=multi_worker"]
 TIMEOUT_S = 240  # one phase takes ~60 s on a 2-core CPU; a hang waits this long
-
-
-def _free_ports(n):
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _read(path):
@@ -149,7 +137,7 @@ def _until_epoch_2(tmp_path, ports, model_dir, chief_pids, then=None):
 
 def test_two_workers_sigkilled_in_epoch_2_resume_from_the_chiefs_checkpoint(tmp_path):
     model_dir = tmp_path / "run"
-    ports = _free_ports(2)
+    ports = loopback.free_ports(2)
     chief_pids = []
     # Both workers SIGKILLed as epoch 2 starts ("Epoch 2/2": epoch 1 is checkpointed).
     first, _ = _until_epoch_2(tmp_path, ports, model_dir, chief_pids)
@@ -163,7 +151,7 @@ def test_two_workers_sigkilled_in_epoch_2_resume_from_the_chiefs_checkpoint(tmp_
 @pytest.mark.slow  # ~75 s more of two-worker runs (WCL_SLOW_TESTS=1)
 def test_sigterm_to_one_worker_stops_both_after_the_same_step(tmp_path):
     model_dir = tmp_path / "run"
-    ports = _free_ports(2)
+    ports = loopback.free_ports(2)
     chief_pids = []
     # SIGTERM to the non-chief only, during epoch 2 (one preempted VM): both must stop
     # after the same step (else one would wait in an all-reduce), the chief saving it.
