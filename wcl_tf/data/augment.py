@@ -542,6 +542,19 @@ def flip_left_right(images, flip):
     return tf.gather(images, columns, axis=2, batch_dims=1)
 
 
+def _reflect_pad(images, half, axis):
+    """Reflect padding of `half` along one spatial axis (1 or 2) of (1, H, W, C): the
+    mirrored edges concatenated to the image. Same values as tf.pad(mode="REFLECT"),
+    whose CPU kernel is slow: padding both axes with it costs 0.6-0.75 ms per view (batch
+    32 of 224 px, k = 23, one thread), about as much as the two convolutions; the two
+    concatenations here 0.36 together (tf.reverse of slices instead of the gathers: the
+    same)."""
+    size = tf.shape(images)[axis]
+    first = tf.gather(images, tf.range(half, 0, -1), axis=axis)
+    last = tf.gather(images, tf.range(size - 2, size - 2 - half, -1), axis=axis)
+    return tf.concat([first, images, last], axis)
+
+
 def gaussian_blur(images, kernel_size, sigma):
     """torchvision GaussianBlur: per-image sigma (b,), odd kernel_size, reflect padding.
 
@@ -555,11 +568,12 @@ def gaussian_blur(images, kernel_size, sigma):
     kernels /= tf.reduce_sum(kernels, axis=1, keepdims=True)
     kernels = tf.transpose(tf.repeat(kernels, 3, axis=0))  # (k, b*3), image-major
     stacked = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, height, width, b * 3])
-    stacked = tf.pad(stacked, [[0, 0], [half, half], [half, half], [0, 0]], mode="REFLECT")
     # b * 3, not -1: an empty batch (no image drawn for blur) has no size to infer.
-    stacked = tf.nn.depthwise_conv2d(stacked, tf.reshape(kernels, [kernel_size, 1, b * 3, 1]),
+    stacked = tf.nn.depthwise_conv2d(_reflect_pad(stacked, half, 1),
+                                     tf.reshape(kernels, [kernel_size, 1, b * 3, 1]),
                                      [1, 1, 1, 1], "VALID")
-    stacked = tf.nn.depthwise_conv2d(stacked, tf.reshape(kernels, [1, kernel_size, b * 3, 1]),
+    stacked = tf.nn.depthwise_conv2d(_reflect_pad(stacked, half, 2),
+                                     tf.reshape(kernels, [1, kernel_size, b * 3, 1]),
                                      [1, 1, 1, 1], "VALID")
     return tf.transpose(tf.reshape(stacked, [height, width, b, 3]), [2, 0, 1, 3])
 
