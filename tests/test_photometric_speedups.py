@@ -160,3 +160,17 @@ def test_static_jitter_under_xla_matches_the_numpy_reference():
     out = compiled(tf.constant(images), *draws).numpy()
     expected = _jitter_reference(images, *[d.numpy() for d in draws])
     np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_static_batch_size_is_kept():
+    """As the previous gather / scatter form: a known batch size stays known, also when
+    the seed is traced (a constant seed lets shape inference evaluate the draws)."""
+    images = tf.constant(_images(4, 6, 6, seed=6))
+    seed = tf.constant([1, 5], tf.int64)
+    for static_shapes in (False, True):
+        jitter = tf.function(lambda x, sd, s=static_shapes: augment.color_jitter(
+            x, 0.8, 0.8, 0.8, 0.2, sd, static_shapes=s))
+        view = tf.function(lambda x, sd, s=static_shapes: augment.photometric(
+            x, augment.STRONG, sd, 3, static_shapes=s))
+        for fn in (jitter, view):
+            assert fn.get_concrete_function(images, seed).output_shapes == [4, 6, 6, 3]

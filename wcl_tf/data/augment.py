@@ -487,6 +487,7 @@ def _jitter_with(images, blend_factors, hue_shift, order, static_shapes, chosen=
         if chosen is not None:
             planes = [tf.where(chosen[:, None, None], x, u) for x, u in zip(planes, unchanged)]
         return _from_planes(planes)
+    shape = images.shape
     group = tf.argmax(tf.cast(order == 3, tf.int32), axis=1, output_type=tf.int32)
     if chosen is not None:
         group = tf.where(chosen, group, 4)
@@ -496,7 +497,9 @@ def _jitter_with(images, blend_factors, hue_shift, order, static_shapes, chosen=
                                            hue_shift[step], order[step], step))
                for step in range(4)]
     rows = tf.dynamic_partition(tf.range(tf.shape(group)[0]), group, 5)
-    return tf.dynamic_stitch(rows, outputs + [images[4]])
+    jittered = tf.dynamic_stitch(rows, outputs + [images[4]])
+    jittered.set_shape(shape)  # The stitch's own batch size is unknown.
+    return jittered
 
 
 def color_jitter(images, brightness, contrast, saturation, hue, seed, static_shapes=False):
