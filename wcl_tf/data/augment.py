@@ -696,8 +696,7 @@ def photometric(images, spec, seed, blur_kernel=None, grayscale=None, static_sha
     seed: (2,) int tensor; it is split exactly as ViewAugmenter splits a view's seed (the
     first part is the crop's), so the same crops and seed give the same view whether this
     runs in tf.data (host) or inside train_step (device, wcl_tf.data.augment_layers).
-    grayscale: a callable (b, S, S, 3) -> (b, S, S, 3); by default _grayscale, keras-cv's
-    Grayscale's numbers.
+    grayscale: a callable (b, S, S, 3) -> (b, S, S, 3); keras-cv's Grayscale by default.
     static_shapes: see color_jitter (for XLA-compiled steps and TPUs).
     Returns float32 (b, S, S, 3) in [0, 1].
     """
@@ -712,7 +711,7 @@ def photometric(images, spec, seed, blur_kernel=None, grayscale=None, static_sha
                           jitter_seed)
     images = _jitter_with(images, *draws, static_shapes,
                           chosen=_chosen(spec.jitter_prob, jitter_p_seed, b))
-    grayscale = grayscale or _grayscale
+    grayscale = grayscale or grayscale_layer()
     images = _on_chosen(_chosen(spec.grayscale_prob, gray_p_seed, b), images, grayscale,
                         static_shapes=static_shapes)
     if blur_kernel:
@@ -724,20 +723,13 @@ def photometric(images, spec, seed, blur_kernel=None, grayscale=None, static_sha
     return _clip01(images)
 
 
-def _grayscale(images):
-    """keras-cv's Grayscale (tf.image.rgb_to_grayscale's luma 0.2989, 0.587, 0.114, three
-    equal channels) as one (n, 3) x (3, 3) matmul: the same numbers up to float rounding
-    (1.2e-7), 0.24-0.26 ms per view against the layer's 0.55-0.56 (batch 32 of 224 px,
-    one thread; 0.22-0.24 against 0.31-0.32 on the 20% of images drawn)."""
-    weights = tf.constant([[0.2989] * 3, [0.5870] * 3, [0.1140] * 3])
-    return tf.reshape(tf.reshape(images, [-1, 3]) @ weights, tf.shape(images))
-
-
 @functools.lru_cache(maxsize=None)
 def grayscale_layer():
     # keras-cv's Grayscale computes torchvision's luma (ITU-R 601) and is as fast as
-    # plain TF here (see the table above); float32 whatever the global policy. Used by
-    # augment_layers.RandomGrayscale; photometric uses _grayscale (its numbers, faster).
+    # plain TF here (see the table above); float32 whatever the global policy. A matmul of
+    # the same weights measured 0.22-0.24 against 0.31-0.32 ms per view on the 20% of
+    # images drawn (batch 32 of 224 px, one thread): too little to drop the keras-cv op
+    # the project is asked to build its views with.
     return keras_cv.layers.Grayscale(output_channels=3, dtype="float32")
 
 
