@@ -5,7 +5,7 @@ saturation with each pixel's gray level, clamp to [0, 1] after each operation, p
 random order), np.pad(mode="reflect") and a separable Gaussian for the blur.
 
 The draws (factors, order, masks, sigma) are taken from augment's own draw functions, so
-these tests check the formulas of the channel-plane jitter, the hue shift, the matmul
+these tests check the formulas of the channel-plane jitter, the hue shift, keras-cv's
 grayscale and the concatenated reflect padding, in the host form, the static-shape form
 and under XLA.
 """
