@@ -202,16 +202,16 @@ def test_every_batched_path_is_pil_bilinear(side, size):
 
 @pytest.mark.parametrize("shape,count,size,scale", [
     ((1500, 1900), 2, 224, (0.6, 1.0)),  # shrunk up to ~8x: wide filters, long bands
-    ((300, 400), 6, 96, (0.05, 0.14)),  # multi-crop local crops
-    ((300, 400), 3, 100, (0.01, 0.02)),  # enlarged; 100 is not a multiple of the block
-    ((37, 53), 4, 40, (0.08, 1.0)),  # a region smaller than a band
+    ((600, 800), 6, 128, (0.05, 0.14)),  # several small crops scattered over the image
+    ((300, 400), 3, 136, (0.01, 0.02)),  # enlarged; 136 is not a multiple of the block
+    ((37, 53), 4, 130, (0.08, 1.0)),  # a region smaller than a band
 ])
 def test_banded_and_window_by_window_crops_are_pil_bilinear(shape, count, size, scale,
                                                             monkeypatch):
     """crops_of_image resamples all of an image's windows at once in bands of rows
-    (_resample_in_bands), or, for regions over _BANDED_MAX_PIXELS x crops, window by window
-    with ScaleAndTranslate: both are PIL's resize of every window (noise, the worst case
-    for rounding), and they agree to one grey level."""
+    (_resample_in_bands), or, for regions over _BANDED_MAX_PIXELS x crops and crops under
+    _BANDED_MIN_SIZE, window by window with ScaleAndTranslate: both are PIL's resize of
+    every window (noise, the worst case for rounding), and they agree to one grey level."""
     height, width = shape
     image = np.random.default_rng(height).integers(0, 256, (height, width, 3)).astype(np.uint8)
     seed = _seed(height)
