@@ -312,8 +312,8 @@ def _region_of_windows(boxes, size, height, width):
 # process CPU ms per image, min of 4 interleaved rounds (one-off scripts, not kept):
 #   decode + two 224-px crops in a tf.data map: ScaleAndTranslate per window 5.85-5.91;
 #   these bands 4.75-5.00; the same bands window by window (more ops per crop) 5.20-5.22
-#   host side of the device recipe (make_pretrain_dataset, 20 batches of 32): 5.71-6.15
-#   -> 5.10-5.45
+#   host side of the device recipe (make_pretrain_dataset, 3 x 20 batches of 32, two
+#   rounds): 4.52-7.20 -> 4.40-4.93, a gain as small as this box's noise
 # The two agree to 7e-3 of a grey level (float32 sums in another order; 9e-5 of the
 # rounded pixels differ by one); tests/test_crop_resampling.py checks both against PIL.
 # The float32 bands hold about `count` times the region's pixels, so regions above this
