@@ -265,7 +265,8 @@ def build(cfg, strategy, steps_per_epoch):
     return model
 
 
-def _augment_side(cfg):
+def augment_side(cfg):
+    """Where cfg.augment_on resolves ("auto" included): "device" or "host"."""
     return "device" if augment.augment_on_device(cfg.augment_on) else "host"
 
 
@@ -458,7 +459,7 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         f"{replicas} replica(s), global batch {cfg.global_batch_size}, "
         f"{steps} steps x {cfg.epochs} epochs, lambda={cfg.graph_loss_weight}, "
         f"gather_grad={cfg.gather_grad}, graph_key_grad={cfg.graph_key_grad}, "
-        f"augmentation on the {_augment_side(cfg)}, peak lr {cfg.learning_rate():.4g}")
+        f"augmentation on the {augment_side(cfg)}, peak lr {cfg.learning_rate():.4g}")
 
     model = build(cfg, strategy, steps)
     if writes:
@@ -578,7 +579,7 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         "graph_loss_weight": cfg.graph_loss_weight,
         "gather_grad": cfg.gather_grad,
         "graph_key_grad": cfg.graph_key_grad,
-        "augment_on": _augment_side(cfg),  # cfg.augment_on resolved ("auto")
+        "augment_on": augment_side(cfg),  # cfg.augment_on resolved ("auto")
         "checkpoint": final_path,
     }
     if writes:

@@ -294,16 +294,6 @@ def random_resized_crop(images, size, scale, ratio, seed):
         fn_output_signature=tf.TensorSpec([size, size, images.shape[-1]], tf.float32))
 
 
-def _region_of_windows(boxes, size, height, width):
-    """The pixel rectangle that holds the windows _window_geometry reads for all `boxes`
-    (n, 4) of an image of height x width: origin [top, left] and extent [rows, cols],
-    (2,) int32 each."""
-    (top, left, rows, cols), _, _ = _window_geometry(tf.transpose(boxes), size, height, width)
-    origin = tf.stack([tf.reduce_min(top), tf.reduce_min(left)])
-    corner = tf.stack([tf.reduce_max(top + rows), tf.reduce_max(left + cols)])
-    return origin, corner - origin
-
-
 # Resampling the crops of one image. ScaleAndTranslate (TensorFlow's antialiased resize)
 # runs a scalar loop per output pixel and filter tap: about 2 ms per 224-px crop on this
 # project's CPU, whatever the window's size. _resample_in_bands computes all of an
@@ -374,11 +364,21 @@ def _resample_in_bands(region, size, start, extent):
     return tf.transpose(out, [0, 2, 1, 3])
 
 
-def _crops_of_region(region, origin, boxes, count, size, height, width):
-    """The crops `boxes` (count, 4) of an image of height x width, resampled from `region`
-    (uint8, the image's rectangle at `origin` that _region_of_windows gives): uint8
-    (count, size, size, 3). count is a Python int."""
-    extent = tf.shape(region)[:2]
+def _crops(shape, read_region, count, size, scale, ratio, seed):
+    """crops_of_image / crops_of_jpeg: `count` crops of an image of `shape` ([height,
+    width, ...]), boxes drawn at its own size and aspect ratio, resampled from the one
+    rectangle that holds every window _window_geometry reads (the boxes plus the filter's
+    margin): read_region(origin, extent) returns that rectangle, uint8 (rows, cols, 3), for
+    its [top, left] origin and [rows, cols] extent. uint8 (count, size, size, 3); count is
+    a Python int."""
+    height, width = shape[0], shape[1]
+    aspect = tf.cast(width, tf.float32) / tf.cast(height, tf.float32)
+    boxes = crop_boxes(count, scale, ratio, seed, image_aspect=aspect)
+    (top, left, rows, cols), box_scale, shift = _window_geometry(tf.transpose(boxes), size,
+                                                                 height, width)
+    origin = tf.stack([tf.reduce_min(top), tf.reduce_min(left)])
+    extent = tf.stack([tf.reduce_max(top + rows), tf.reduce_max(left + cols)]) - origin
+    region = read_region(origin, extent)
 
     def in_bands():
         hw = tf.cast(tf.stack([height, width]), tf.float32)
@@ -390,11 +390,11 @@ def _crops_of_region(region, origin, boxes, count, size, height, width):
     def window_by_window():
         crops = []
         for i in range(count):
-            (top, left, rows, cols), box_scale, shift = _window_geometry(
-                boxes[i], size, height, width)
-            window = tf.slice(region, tf.stack([top - origin[0], left - origin[1], 0]),
-                              tf.stack([rows, cols, -1]))
-            crops.append(_scale_window(window[tf.newaxis], size, box_scale, shift))
+            window = tf.slice(region, tf.stack([top[i] - origin[0], left[i] - origin[1], 0]),
+                              tf.stack([rows[i], cols[i], -1]))
+            crops.append(_scale_window(window[tf.newaxis], size,
+                                       [box_scale[0][i], box_scale[1][i]],
+                                       [shift[0][i], shift[1][i]]))
         return tf.stack(crops)
 
     if size < _BANDED_MIN_SIZE:
@@ -413,14 +413,12 @@ def crops_of_image(image_uint8, count, size, scale, ratio, seed):
     Boxes come from the image at its own resolution and aspect ratio (torchvision's
     order: crop, then resize), so nothing is stretched and small crops keep their detail.
     Each window is resampled as PIL's bilinear resize (antialiased when shrunk), from the
-    rectangle that holds every window (what crops_of_jpeg decodes), by _crops_of_region.
+    rectangle that holds every window (what crops_of_jpeg decodes), by _crops.
     """
-    shape = tf.shape(image_uint8)
-    aspect = tf.cast(shape[1], tf.float32) / tf.cast(shape[0], tf.float32)
-    boxes = crop_boxes(count, scale, ratio, seed, image_aspect=aspect)
-    origin, extent = _region_of_windows(boxes, size, shape[0], shape[1])
-    region = tf.slice(image_uint8, tf.concat([origin, [0]], 0), tf.concat([extent, [-1]], 0))
-    return _crops_of_region(region, origin, boxes, count, size, shape[0], shape[1])
+    return _crops(tf.shape(image_uint8),
+                  lambda origin, extent: tf.slice(image_uint8, tf.concat([origin, [0]], 0),
+                                                  tf.concat([extent, [-1]], 0)),
+                  count, size, scale, ratio, seed)
 
 
 def decode_image(contents):
@@ -438,19 +436,17 @@ def crops_of_jpeg(contents, count, size, scale, ratio, seed):
 
     The boxes are drawn exactly as crops_of_image draws them (crop_boxes at the image's
     own size, read from the JPEG header). One decode_and_crop_jpeg decodes the rectangle
-    that holds all `count` windows plus the filter's margin (_region_of_windows; one
-    partial decode per image, not per crop: 1.1x faster for two views, 1.85x for eight
-    local crops, one thread on the shared photos), and _crops_of_region resamples the
-    windows from it with the same weights as crops_of_image. The result is
+    that holds all `count` windows plus the filter's margin (one partial decode per
+    image, not per crop: 1.1x faster for two views, 1.85x for eight local crops, one
+    thread on the shared photos), and _crops resamples the windows from it with the same
+    weights as crops_of_image. The result is
     crops_of_image(decode(contents), ...) up to libjpeg's decoding of a cropped region
     (DCT-block smoothing at the region's border, about one grey level at most pixels it
     touches; tests/test_fused_crop.py bounds it)."""
-    shape = tf.image.extract_jpeg_shape(contents)
-    aspect = tf.cast(shape[1], tf.float32) / tf.cast(shape[0], tf.float32)
-    boxes = crop_boxes(count, scale, ratio, seed, image_aspect=aspect)
-    origin, extent = _region_of_windows(boxes, size, shape[0], shape[1])
-    region = tf.io.decode_and_crop_jpeg(contents, tf.concat([origin, extent], 0), channels=3)
-    return _crops_of_region(region, origin, boxes, count, size, shape[0], shape[1])
+    return _crops(tf.image.extract_jpeg_shape(contents),
+                  lambda origin, extent: tf.io.decode_and_crop_jpeg(
+                      contents, tf.concat([origin, extent], 0), channels=3),
+                  count, size, scale, ratio, seed)
 
 
 def crops_of_encoded(contents, count, size, scale, ratio, seed):

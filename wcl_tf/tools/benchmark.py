@@ -499,7 +499,8 @@ def _images_per_s(iterator, batch, batches, warmup):
 def bench_pipeline():
     import tensorflow as tf
 
-    from wcl_tf.data import augment, pipeline, sources
+    from wcl_tf import training
+    from wcl_tf.data import pipeline, sources
 
     cfg = train_config().validate()
     batch = _batch_size(cfg)
@@ -519,7 +520,7 @@ def bench_pipeline():
            "blur": cfg.blur, "local_crops": cfg.num_local_crops,
            "local_crop_size": cfg.local_crop_size, "batch": batch,
            "images_per_s": round(rate, 1), "images_per_s_per_core": round(rate / _cores(), 1),
-           "augment_on": "device" if augment.augment_on_device(cfg.augment_on) else "host"}
+           "augment_on": training.augment_side(cfg)}
     print(f"  {row}", flush=True)
     header = ("| augmentation | on | px | blur | local crops | images/s (each with all its "
               "views) | per core |\n|---|---|---|---|---|---|---|")
