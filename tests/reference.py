@@ -1,4 +1,4 @@
-"""NumPy references of the WCL objective (WCL_SPEC section 1), written for clarity."""
+"""NumPy references of the WCL objective (docs/method.md section 2), written for clarity."""
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -68,7 +68,7 @@ def wcl_objective(z1, z2, v1, v2, tau=0.1):
 
 
 def multicrop_local_losses(z1, z2, v1, v2, z_local, v_local, k, tau):
-    """(local instance loss, local graph loss, kept indices) of WCL_SPEC section 3.
+    """(local instance loss, local graph loss, kept indices) of docs/method.md section 6.
 
     z_local, v_local: (n, M, d) local-crop embeddings; keeps the k crops per image most
     cosine-similar (graph head) to the normalised mean of the image's v1 and v2.

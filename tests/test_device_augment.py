@@ -148,8 +148,8 @@ def test_static_shape_jitter_matches_the_gathered_one():
 
 
 def test_two_replicas_draw_different_views(two_replica_strategy):
-    """The same crops on both replicas at the same step: different views (the WCL_SPEC
-    section 2 trap of a generator drawn inside a replicated step), reproducible."""
+    """The same crops on both replicas at the same step: different views (docs/method.md
+    section 3.3: the trap of a generator drawn inside a replicated step), reproducible."""
     cfg = _cfg()
     with two_replica_strategy.scope():
         model = training.build(cfg, two_replica_strategy, 4)

@@ -98,7 +98,7 @@ def test_gradient_flows_to_embeddings_not_labels(rng):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-7)
 
 
-# --- Which side carries gradient (WCL_SPEC section 1) -------------------------------
+# --- Which side carries gradient (docs/method.md section 3.1) ------------------------
 
 def _raw_inputs(rng, kind, n, d):
     """Raw (unnormalised) head outputs: random, or clustered around a few centres."""

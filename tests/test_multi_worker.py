@@ -3,7 +3,7 @@
 Each worker (tests/multi_worker_step.py) runs MultiWorkerMirroredStrategy from TF_CONFIG
 with one CPU replica and receives its half of every global batch; after the fit steps
 (SGD(0.5): 1, LARS: 2) both workers must hold the same weights as a one-device run on the
-same global batches from the same initial weights (WCL_SPEC section 2, gather_grad="full").
+same global batches from the same initial weights (docs/method.md section 3.2, gather_grad="full").
 
 Run by hand (seen on a loaded 2-core CPU): the workers' weights were bit-identical to each
 other and to an in-process 2-replica MirroredStrategy run; against one device they differ

@@ -1,4 +1,4 @@
-"""KNN multi-crop (WCL_SPEC section 3): losses, selection, step equivalences, data."""
+"""KNN multi-crop (docs/method.md section 6): losses, selection, step equivalences, data."""
 
 import numpy as np
 import pytest

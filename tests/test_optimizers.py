@@ -1,4 +1,4 @@
-"""LARS and WarmupCosine against NumPy references (WCL_SPEC section 4)."""
+"""LARS and WarmupCosine against NumPy references (docs/method.md section 4.3)."""
 
 import math
 

@@ -63,7 +63,7 @@ class Config:
     # None: synchronized BN exactly when more than one replica trains.
     sync_bn: Optional[bool] = None
 
-    # Objective (WCL_SPEC section 1 and 2).
+    # Objective (docs/method.md sections 2 and 3).
     temperature: float = 0.1
     graph_loss_weight: float = 1.0  # lambda; 0 gives SimCLR
     # Instance-loss keys from other replicas: "full" (carry gradient; R replicas == 1)
@@ -73,7 +73,7 @@ class Config:
     # no_grad gather): only the anchors get the graph loss's gradient.
     graph_key_grad: bool = False
 
-    # Optimization (WCL_SPEC section 4).
+    # Optimization (docs/method.md section 4).
     global_batch_size: int = 256
     epochs: int = 100
     warmup_epochs: float = 10.0
@@ -92,7 +92,7 @@ class Config:
     # train_step (wcl_tf.data.augment_layers); "auto": device when a GPU/TPU is present.
     augment_on: str = "auto"
 
-    # KNN multi-crop (WCL_SPEC section 3): M local crops of L px per image, the K most
+    # KNN multi-crop (docs/method.md section 6): M local crops of L px per image, the K most
     # similar to the image's global embedding are kept; mu weighs their losses.
     num_local_crops: int = 0
     local_crop_size: int = 16

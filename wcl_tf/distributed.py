@@ -1,4 +1,4 @@
-"""Cross-replica helpers for the train step (WCL_SPEC section 2), and WorkerAgreement for
+"""Cross-replica helpers for the train step (docs/method.md section 3.2), and WorkerAgreement for
 host-side decisions every worker must share (multi-worker).
 
 The functions run in a replica context (inside `strategy.run`, which is where Keras

@@ -32,7 +32,7 @@ attribute over a signature of the same name), so a Keras 3 model can be stacked 
 directly (see `load_encoder_for_finetuning`).
 
 Why a `tf.Module` and `tf.saved_model.save` rather than Keras `model.export()`: the Keras
-export archive stores every variable twice (WCL_SPEC section 6); this module stores each
+export archive stores every variable twice (docs/method.md section 9); this module stores each
 once (`variable_bytes` vs the size of `variables/`, checked in tests/test_export.py).
 
 Paths may be local or URLs (gs://..., ram://...): files go through wcl_tf.run_folder and

@@ -1,6 +1,6 @@
 """Semi-supervised evaluation: fine-tune the whole encoder on a fraction of the labels.
 
-WCL_SPEC section 4: the backbone and a new Dense head (kernel N(0, 0.01), zero bias) are
+docs/method.md section 5.4: the backbone and a new Dense head (kernel N(0, 0.01), zero bias) are
 trained together, BatchNorm in training mode, with SGD (Nesterov momentum 0.9, cosine decay
 per step to 0), on random resized crops (scale 0.08-1) + horizontal flips. Test images are
 used as given, through the backbone in inference mode. ImageNet uses the standard subsets

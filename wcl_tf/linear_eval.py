@@ -1,4 +1,4 @@
-"""Linear evaluation of a frozen encoder (WCL_SPEC section 4).
+"""Linear evaluation of a frozen encoder (docs/method.md section 5.3).
 
 The classifier is one Dense layer (kernel ~ N(0, 0.01), zero bias) trained with SGD, Nesterov
 momentum 0.9, no weight decay, learning rate 0.2 * batch / 256 decayed per step by a cosine to
@@ -258,7 +258,7 @@ def linear_eval_features(train_feats, train_labels, test_feats, test_labels, num
 def linear_eval_full(backbone, train_images, train_labels, test_images, test_labels,
                      num_classes, image_size, epochs, batch_size, lr=None, seed=0,
                      crop_scale=CROP_SCALE, feature_batch_size=256, log=None):
-    """Linear evaluation with the WCL_SPEC section 4 protocol.
+    """Linear evaluation with the docs/method.md section 5.3 protocol.
 
     Args:
       backbone: keras.Model, float32 images in [0, 1] (b, S, S, 3) -> features (b, C). It is
@@ -303,7 +303,7 @@ def linear_eval_full(backbone, train_images, train_labels, test_images, test_lab
 
 def linear_eval_stream(backbone, train_batches, steps_per_epoch, test_batches, num_classes,
                        epochs, batch_size, lr=None, seed=0, log=None):
-    """Linear evaluation with the WCL_SPEC section 4 protocol, streamed.
+    """Linear evaluation with the docs/method.md section 5.3 protocol, streamed.
 
     Args:
       backbone: keras.Model, float32 images in [0, 1] -> features (b, C); called with

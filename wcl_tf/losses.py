@@ -1,4 +1,4 @@
-"""The WCL objective as pure functions (WCL_SPEC sections 1 and 2).
+"""The WCL objective as pure functions (docs/method.md sections 2 and 3).
 
 Every function returns per-anchor vectors for the anchors it is given, so the same
 code serves one device (anchors = the whole batch) and a distributed step (anchors =
@@ -7,7 +7,7 @@ first local row inside the gathered rows. Logits, exp and log-sum-exp run in flo
 whatever the compute dtype. Masks are additive or multiplicative, never boolean
 selections, so shapes stay static (XLA / TPU).
 
-Which side carries gradient (WCL_SPEC section 1). Instance loss: anchors and keys
+Which side carries gradient (docs/method.md section 3). Instance loss: anchors and keys
 (the local keys carry gradient in the authors' code too; other replicas' rows follow
 `gather_grad`, see wcl_tf/distributed.py). Graph loss: by default ONLY the anchors. The
 authors' keys `all_feat1`, `all_feat2` come from `concat_all_gather`, which runs under
@@ -136,7 +136,7 @@ def wcl_objective(z1, z2, v1, v2, temperature=0.1, graph_key_grad=False):
 
 
 def local_instance_loss_per_anchor(z_local, z1_all, z2_all, rows, temperature):
-    """Instance loss of kept multi-crop local crops (WCL_SPEC section 3).
+    """Instance loss of kept multi-crop local crops (docs/method.md section 6).
 
     Candidates are the 2n global instance embeddings; the positives are the two global
     views of the crop's own image (mean of the two log-probabilities).
@@ -159,7 +159,7 @@ def local_instance_loss_per_anchor(z_local, z1_all, z2_all, rows, temperature):
 
 def local_graph_loss_per_anchor(v_local, v1_all, v2_all, labels1_all, labels2_all, rows,
                                 temperature, key_grad=False):
-    """Graph loss of kept local crops, keeping the swap (WCL_SPEC section 3).
+    """Graph loss of kept local crops, keeping the swap (docs/method.md section 6).
 
     Against view-1 globals the positives are the members of the crop's image's component
     in view 2's graph (the image itself included), against view-2 globals those of view

@@ -1,4 +1,4 @@
-"""LARS and the warm-up cosine learning-rate schedule (WCL_SPEC section 4).
+"""LARS and the warm-up cosine learning-rate schedule (docs/method.md section 4).
 
     opt = build_optimizer(cfg, steps_per_epoch)   # LARS + WarmupCosine from a Config
 
@@ -178,7 +178,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def build_optimizer(cfg, steps_per_epoch, **kwargs):
-    """LARS with the warm-up cosine schedule of a `Config` (WCL_SPEC section 4).
+    """LARS with the warm-up cosine schedule of a `Config` (docs/method.md section 4).
 
     Args:
         cfg: `wcl_tf.config.Config`; uses learning_rate(), warmup_epochs, epochs,

@@ -1,6 +1,6 @@
 """Weak labels: connected components of the 1-nearest-neighbour graph.
 
-WCL_SPEC section 1. For embeddings v (n, d), nn(i) = argmax_{j != i} cos(v_i, v_j)
+docs/method.md section 2.2. For embeddings v (n, d), nn(i) = argmax_{j != i} cos(v_i, v_j)
 with ties to the lowest index; the undirected graph with edges {i, nn(i)} is split
 into connected components, and each row gets its component's id.
 

@@ -1,4 +1,4 @@
-"""Two-view augmentations of WCL (WCL_SPEC section 4), on batches, inside tf.data.
+"""Two-view augmentations of WCL (docs/method.md section 4.1), on batches, inside tf.data.
 
 Input: a batch of uint8 images already resized to (S, S, 3). Output: float32 in
 [0, 1], shape (b, S, S, 3), static. All draws are per image. Order, as in the SimCLR
@@ -835,7 +835,7 @@ def local_augmenter(image_size, local_size, blur=False):
 def multi_crop_views(images_uint8, strong, image_size, num_local, local_size,
                      global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), blur=False,
                      seed=None, strong_spec=STRONG, weak_spec=WEAK):
-    """Two global views plus num_local small crops per image (WCL_SPEC section 3).
+    """Two global views plus num_local small crops per image (docs/method.md section 6).
 
     Global views use crop scale `global_scale`, local crops `local_scale`; colour, blur
     and flip follow the selected recipe for all of them. Returns a dict:

@@ -1,6 +1,6 @@
 """Streaming input for the evaluations (kNN, linear probe): the test-time preprocessing and
 the linear probe's training crops, read in batches from tf.data so that memory does not
-grow with the number of images (WCL_SPEC section 4).
+grow with the number of images (docs/method.md section 5).
 
 Test-time preprocessing (`eval_image`), one image at a time, the authors' `eval_aug`
 (`transforms.Resize(256), transforms.CenterCrop(224)`) generalised to any image size S:

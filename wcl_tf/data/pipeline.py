@@ -45,7 +45,7 @@ RandomResizedCrop does (a crop of the original, resized to S; never a stretched 
 With cfg.augment_on = "device" (augment.augment_on_device) each path stops after the
 crops: batches hold the views' uint8 crops, and the model's ViewAugmentation
 (wcl_tf/data/augment_layers.py) does the rest inside the train step, seeded per replica
-and step, so no two replicas draw alike (the trap WCL_SPEC section 2 warns of: a random
+and step, so no two replicas draw alike (the trap docs/method.md section 3.3 warns of: a random
 generator drawn inside a replicated step gives every replica the same numbers). Otherwise
 all augmentation happens here, in tf.data. One input pipeline feeds R = num_replicas_in_sync /
 num_input_pipelines replicas, giving consecutive batches to consecutive replicas

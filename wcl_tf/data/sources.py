@@ -4,7 +4,7 @@
 Every source yields `(image uint8 (H, W, 3), label int64)`; grayscale sources are
 repeated to 3 channels. Nothing here downloads unless `download=True` is passed:
 `tfds.load` on data that is not prepared, with downloads allowed and no network,
-retries for minutes (WCL_SPEC section 6), so a missing dataset fails at once with
+retries for minutes (docs/method.md section 9), so a missing dataset fails at once with
 a `DataError` that says what to run.
 """
 

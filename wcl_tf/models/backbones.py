@@ -4,7 +4,7 @@
 float32 images in [0, 1] of any size, shape (b, h, w, 3), normalises them with the fixed
 ImageNet per-channel mean/std and returns globally average-pooled features (b, C).
 
-The ResNets follow torchvision (WCL_SPEC section 6: `keras.applications.ResNet50` does not):
+The ResNets follow torchvision (docs/method.md section 9: `keras.applications.ResNet50` does not):
 
 - ResNet-50 v1.5: the stride of a downsampling bottleneck sits on its 3x3 conv, not its
   first 1x1 conv; every convolution has no bias; torchvision's symmetric padding is

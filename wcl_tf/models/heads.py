@@ -1,4 +1,4 @@
-"""Projection heads g (instance head) and phi (graph head) of WCL (WCL_SPEC section 1).
+"""Projection heads g (instance head) and phi (graph head) of WCL (docs/method.md section 1).
 
     Dense(H) -> BN -> ReLU -> Dense(H) -> BN -> ReLU -> Dense(D)
 

@@ -1,7 +1,7 @@
 """WCLModel: backbone + instance head + graph head, with WCL's train step.
 
 `call` returns the backbone's pooled features (what you embed and evaluate with).
-`train_step` runs inside `strategy.run` on each replica (WCL_SPEC sections 1-2):
+`train_step` runs inside `strategy.run` on each replica (docs/method.md sections 2-3):
 
     backbone on each view (separate calls) -> both heads -> L2 normalise
     -> gather z, v over replicas (full or local gradient)
@@ -72,8 +72,8 @@ class WCLModel(keras.Model):
       gather_grad: "full" or "local" gradient through the cross-replica gather of the
         instance loss's keys (and of the graph loss's keys when graph_key_grad).
       graph_key_grad: False (the authors' code): the graph loss's keys are constants and
-        only its anchors carry gradient (WCL_SPEC section 1); True: the keys too.
-      knn_crops: K, multi-crop local crops kept per image (WCL_SPEC section 3); 0 keeps
+        only its anchors carry gradient (docs/method.md section 3.1); True: the keys too.
+      knn_crops: K, multi-crop local crops kept per image (docs/method.md section 6); 0 keeps
         none and the step is exactly the two-view step. Batches then carry "local":
         (b, M, L, L, 3) with M >= K.
       local_loss_weight: mu, weight of the kept crops' losses.

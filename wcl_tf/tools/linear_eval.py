@@ -1,4 +1,4 @@
-"""Linear evaluation of a trained WCL encoder (WCL_SPEC section 4).
+"""Linear evaluation of a trained WCL encoder (docs/method.md section 5.3).
 
     python -m wcl_tf.tools.linear_eval --model_dir=runs/demo --mode=fast --epochs=100
     python -m wcl_tf.tools.linear_eval --model_dir=runs/c10 --data_dir=DIR --mode=full \
