@@ -379,6 +379,21 @@ def _settings(encoder, source, normalize, dtype, shard_size):
     }
 
 
+def check_same_encoder(manifest, encoder, where):
+    """Refuses `encoder` when the embeddings of `manifest` (read from `where`) were made
+    with other weights or other features (EmbedError)."""
+    recorded = manifest["encoder"]
+    if (encoder.fingerprint, encoder.record["features"]) != (recorded["fingerprint"],
+                                                            recorded["features"]):
+        made_by = recorded.get("saved_model") or recorded.get("checkpoint") or (
+            f"a randomly initialised {recorded.get('backbone')}")
+        raise EmbedError(
+            f"the embeddings in {where!r} were made by another model ({made_by}, "
+            f"{recorded['features']}, fingerprint {recorded['fingerprint']}) than "
+            f"{encoder.describe()} (fingerprint {encoder.fingerprint}): embed the images "
+            "again with this model, or drop the model flags to use the recorded one.")
+
+
 def read_manifest(out):
     path = os.path.join(out, MANIFEST)
     try:

@@ -65,14 +65,7 @@ def _query_encoder(manifest):
     recorded = manifest["encoder"]
     if _encoder.encoder_given():
         given = _encoder.load_from_flags()
-        if given.fingerprint != recorded["fingerprint"] or (
-                given.record["features"] != recorded["features"]):
-            raise run_dir.UserError(
-                f"the embeddings in {FLAGS.embeddings!r} were made by another model "
-                f"({recorded.get('saved_model') or recorded.get('checkpoint')}, "
-                f"{recorded['features']}, fingerprint {recorded['fingerprint']}) than "
-                f"{given.describe()} (fingerprint {given.fingerprint}): embed the images "
-                "again with this model, or drop the model flags to use the recorded one.")
+        embedding.check_same_encoder(manifest, given, FLAGS.embeddings)
         return given
     try:
         return _encoder.load_recorded(recorded)
