@@ -50,5 +50,6 @@ setup(
         "wcl-reproduce-cifar=wcl_tf.tools.reproduce_cifar:main",
         "wcl-embed=wcl_tf.tools.embed:main",
         "wcl-neighbors=wcl_tf.tools.neighbors:main",
+        "wcl-benchmark-embed=wcl_tf.tools.benchmark_embed:main",
     ]},
 )

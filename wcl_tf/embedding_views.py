@@ -36,13 +36,15 @@ def _thumbnail(path, side):
     return canvas
 
 
-def _short(name, limit=22):
+def _short(name, limit=24):
+    name = os.path.basename(name)
     return name if len(name) <= limit else "..." + name[-(limit - 3):]
 
 
-def contact_sheet(rows, path, title=None, thumb=THUMB):
+def contact_sheet(rows, path, title=None, thumb=THUMB, colors=256):
     """Writes a PNG contact sheet. rows: lists of (image file, caption) cells, the first
-    cell of each row being the query (or the group's first image). Returns path."""
+    cell of each row being the query (or the group's first image). colors: palette size
+    of the written PNG (0: full colour). Returns path."""
     import matplotlib  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
@@ -69,10 +71,21 @@ def contact_sheet(rows, path, title=None, thumb=THUMB):
                 spine.set_linewidth(2 if c == 0 else 0.5)
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout(pad=0.3)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.97) if title else None)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    if colors:
+        _quantize(path, colors)
     return path
+
+
+def _quantize(path, colors):
+    """Rewrites the PNG at `path` with a palette of `colors` colours (a few times smaller)."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(colors=int(colors), method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
 
 
 def embedding_map(embeddings, labels, path, sample=2000, seed=0, title=None):
@@ -142,6 +155,6 @@ def write_projector(logdir, embeddings, names, classes, image_files=None, thumb=
 
 
 def caption(similarity, name):
-    """'0.912\\nname' (the name shortened from the left)."""
+    """'0.912\\nname' (the file name without its folders, shortened from the left)."""
     head = "" if similarity is None else f"{similarity:.3f}\n"
     return head + _short(name)

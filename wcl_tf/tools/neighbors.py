@@ -97,7 +97,7 @@ def _search(index, files, manifest, results):
             found.append({"rank": rank, "similarity": float(sim), "path": files[j]["path"]})
         results["queries"].append({"query": name, "neighbours": found})
         if FLAGS.sheet and len(sheet_rows) < FLAGS.max_rows:
-            cells = [(queries.paths[row], embedding_views.caption(None, "query: " + name))]
+            cells = [(queries.paths[row], embedding_views.caption(None, name))]
             cells += [(_image_file(manifest, files[j]),
                        embedding_views.caption(float(sim), files[j]["path"]))
                       for sim, j in zip(s, i) if j >= 0]
