@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,32 +15,18 @@ from PIL import Image
 
 import wcl_tf
 from wcl_tf import embedding, export, run_folder
-from wcl_tf.models.wcl_model import build_wcl_model
 from wcl_tf.neighbors import Neighbors
 
-S = 16
+# The tiny model with non-trivial BN statistics (a wrong BN mode shows), at S = 16 px.
+from test_export import S, _tiny_model  # noqa: E402  pylint: disable=wrong-import-order
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow",
        "PYTHONPATH": REPO}
 
 
-def _model(seed):
-    """The tiny test model with non-trivial BN statistics (a wrong BN mode shows)."""
-    keras.utils.set_random_seed(seed)
-    model = build_wcl_model("small_cnn", head_hidden_dim=16, head_output_dim=8, width=4,
-                            image_size=S)
-    rng = np.random.default_rng(seed)
-    for v in model.backbone.variables:
-        if "moving_variance" in v.path or "gamma" in v.path:
-            v.assign(rng.uniform(0.5, 1.5, v.shape).astype(np.float32))
-        elif "moving_mean" in v.path or "beta" in v.path:
-            v.assign(rng.normal(0.0, 0.3, v.shape).astype(np.float32))
-    return model
-
-
 def _run_dir(path, seed):
     os.makedirs(path)
-    run_folder.save_model(_model(seed), os.path.join(path, "final.keras"))
+    run_folder.save_model(_tiny_model(seed), os.path.join(path, "final.keras"))
     run_folder.write_json(os.path.join(path, "config.json"),
                           {"image_size": S, "backbone": "small_cnn", "width": 4})
     return str(path)
@@ -313,3 +298,45 @@ def test_bad_input_gives_one_line_errors(setup, tmp_path):
     assert "holds no embeddings" in error(embedding.read_embeddings, str(empty))
     embedding.embed_to_folder(other, source, out, overwrite=True)
     assert embedding.read_manifest(out)["encoder"]["fingerprint"] == other.fingerprint
+
+
+def test_projector_log_map_and_sheet(setup, tmp_path, rng):
+    from tensorboard.plugins import projector  # noqa: F401  (the config proto's module)
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    from wcl_tf import embedding_views
+
+    source = embedding.ImageFolder(setup["images"])
+    paths = [p for p in source.paths if "broken" not in p]
+    rows = rng.normal(size=(len(paths), 6)).astype(np.float32)
+    names = [os.path.relpath(p, setup["images"]) for p in paths]
+    classes = [n.split(os.sep)[0] for n in names]
+    logdir = str(tmp_path / "projector")
+    embedding_views.write_projector(logdir, rows, names, classes, paths, thumb=20)
+    with open(os.path.join(logdir, "projector_config.pbtxt")) as f:
+        config = text_format.Parse(f.read(), ProjectorConfig())
+    entry = config.embeddings[0]
+    stored = tf.train.load_checkpoint(tf.train.latest_checkpoint(logdir))
+    np.testing.assert_array_equal(stored.get_tensor(entry.tensor_name), rows)
+    with open(os.path.join(logdir, entry.metadata_path)) as f:
+        assert f.read().splitlines() == ["path\tclass"] + [
+            f"{n}\t{c}" for n, c in zip(names, classes)]
+    side = 4 * 20  # 12 thumbnails of 20 px in a 4 x 4 grid
+    assert Image.open(os.path.join(logdir, entry.sprite.image_path)).size == (side, side)
+    assert list(entry.sprite.single_image_dim) == [20, 20]
+    sheet = embedding_views.contact_sheet(
+        [[(paths[0], "query"), (paths[1], "0.9\nb")], [(paths[2], "query")]],
+        str(tmp_path / "sheet.png"), thumb=32)
+    assert Image.open(sheet).mode == "P"  # palette PNG
+
+
+@pytest.mark.slow
+def test_embedding_map(tmp_path, rng):
+    from wcl_tf import embedding_views
+
+    rows = rng.normal(size=(30, 6)).astype(np.float32)
+    classes = ["a"] * 15 + ["b"] * 15
+    path = str(tmp_path / "map.png")
+    assert embedding_views.embedding_map(rows, classes, path, sample=20) == 20
+    assert Image.open(path).size[0] > 100
