@@ -340,3 +340,66 @@ def test_embedding_map(tmp_path, rng):
     path = str(tmp_path / "map.png")
     assert embedding_views.embedding_map(rows, classes, path, sample=20) == 20
     assert Image.open(path).size[0] > 100
+
+
+def test_two_replicas_give_the_rows_of_one_device(setup, two_replica_strategy):
+    encoder = embedding.load_encoder(model_dir=setup["run"])
+    source = embedding.ImageFolder(setup["images"])
+    one, files_one, _ = embedding.embed_array(encoder, source, batch_size=5)
+    two, files_two, _ = embedding.embed_array(encoder, source, batch_size=5,
+                                              strategy=two_replica_strategy)
+    assert files_two == files_one
+    np.testing.assert_allclose(two, one, atol=1e-6)
+
+
+def test_a_tfds_split_is_embedded_with_its_labels(setup, tmp_path):
+    encoder = embedding.load_encoder(model_dir=setup["run"])
+    source = embedding.TfdsSplit("embedded_mnist", "test", max_examples=60)
+    labels = [int(label) for _, label in source.ds.take(5).as_numpy_iterator()]
+    out = str(tmp_path / "mnist")
+    embedding.embed_to_folder(encoder, source, out, batch_size=16, shard_size=25)
+    rows, files, manifest = embedding.read_embeddings(out)
+    assert rows.shape == (60, 32) and manifest["source"] == {
+        "dataset": "embedded_mnist", "split": "test", "num_examples": 60}
+    assert [f["path"] for f in files[:3]] == ["test/0", "test/1", "test/2"]
+    assert files[-1]["path"] == "test/59" and len(manifest["shards"]) == 3
+    assert [int(f["class"]) for f in files[:5]] == labels
+    assert {(f["height"], f["width"]) for f in files} == {("28", "28")}
+
+
+@pytest.mark.slow
+def test_sigkill_during_embedding_then_rerun_gives_the_same_files(setup, tmp_path):
+    import signal
+    import time
+
+    images = _images(tmp_path / "many", per_class=60, bad=False)
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    args = [f"--model_dir={setup['run']}", f"--images={images}", "--shard_size=10",
+            "--batch_size=5"]
+    assert _tool("embed", *args, f"--out={whole}").returncode == 0
+    child = subprocess.Popen([sys.executable, "-m", "wcl_tf.tools.embed", *args,
+                              f"--out={killed}"], env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    manifest = os.path.join(killed, "manifest.json")
+    deadline = time.time() + 240
+    while time.time() < deadline and child.poll() is None:
+        if os.path.isfile(manifest):
+            with open(manifest) as f:
+                try:
+                    if len(json.load(f)["shards"]) >= 2:
+                        break
+                except ValueError:
+                    pass
+        time.sleep(0.05)
+    assert child.poll() is None, "the run ended before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not embedding.read_manifest(killed)["complete"]
+    done = _tool("embed", *args, f"--out={killed}")
+    assert done.returncode == 0 and "resuming after" in done.stdout, done.stderr
+    names = sorted(os.listdir(whole))
+    assert sorted(n for n in os.listdir(killed) if not n.endswith(".tmp")) == names
+    for name in names:
+        with open(os.path.join(whole, name), "rb") as a, \
+                open(os.path.join(killed, name), "rb") as b:
+            assert a.read() == b.read(), name

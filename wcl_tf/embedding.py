@@ -274,11 +274,13 @@ class ImageFolder:
 
 
 class TfdsSplit:
-    """The images of a TFDS split (or embedded_mnist), named "<split>/<index>"."""
+    """The images of a TFDS split (or embedded_mnist), named "<split>/<index>";
+    max_examples > 0: its first ones only."""
 
-    def __init__(self, dataset, split, data_dir=None, download=False):
+    def __init__(self, dataset, split, data_dir=None, download=False, max_examples=0):
         self.dataset, self.split, self.data_dir = dataset, split, data_dir
-        self.ds, self.count, _ = sources.load_split(dataset, split, data_dir, download)
+        self.ds, self.count, _ = sources.load_split(dataset, split, data_dir, download,
+                                                    max_examples)
         self.class_names = []
         if dataset != sources.EMBEDDED_MNIST:
             label = sources.tfds_builder(dataset, data_dir).info.features.get("label")
@@ -290,7 +292,7 @@ class TfdsSplit:
         return self.count
 
     def record(self):
-        return {"dataset": self.dataset, "split": self.split}
+        return {"dataset": self.dataset, "split": self.split, "num_examples": self.count}
 
     def listing_hash(self):
         return hashlib.sha256(f"{self.dataset}:{self.split}:{self.count}".encode()).hexdigest()
@@ -331,7 +333,7 @@ class _Runner:
                 features = tf.math.l2_normalize(features, axis=1)
             return key, features, size
 
-        @tf.function
+        @tf.function(reduce_retracing=True)
         def run(batch):
             outputs = strategy.run(step, args=batch)
             return tuple(tf.nest.map_structure(lambda t: strategy.gather(t, axis=0), out)
