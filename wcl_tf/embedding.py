@@ -106,6 +106,14 @@ def fingerprint(variables):
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
+def _where(path):
+    """`path` made absolute when local (the manifest is read from other folders), a URL
+    as given."""
+    if not path or run_folder.is_remote(path):
+        return path
+    return os.path.abspath(path)
+
+
 def _keras_encoder(model, features):
     backbone = model.backbone
     if features == "backbone":
@@ -174,7 +182,7 @@ def load_encoder(model_dir=None, checkpoint=None, saved_model=None, features="ba
             return tf.cast(backbone(images, training=False), tf.float32)
 
         record.update(random_init=True, seed=int(seed), backbone=config["backbone"],
-                      width=config.get("width"), model_dir=model_dir)
+                      width=config.get("width"), model_dir=_where(model_dir))
         return Encoder(fn, image_size, preprocessing, record, backbone.variables)
 
     checkpoint = checkpoint or run_folder.join(model_dir, run_folder.FINAL_CHECKPOINT)
@@ -185,7 +193,8 @@ def load_encoder(model_dir=None, checkpoint=None, saved_model=None, features="ba
                          "--saved_model.")
     if not run_folder.is_zip(checkpoint):
         raise EmbedError(f"{checkpoint!r} is not a .keras checkpoint (not a zip archive).")
-    from wcl_tf import optimizers  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+    # Registers LARS and its schedule, which final.keras stores with the model.
+    from wcl_tf import optimizers  # noqa: F401  pylint: disable=unused-import
 
     try:
         model = export.load_checkpoint(checkpoint)
@@ -195,7 +204,8 @@ def load_encoder(model_dir=None, checkpoint=None, saved_model=None, features="ba
     if getattr(model, "backbone", None) is None:
         raise EmbedError(f"{checkpoint!r} holds no WCLModel (no backbone).")
     fn, variables = _keras_encoder(model, features)
-    record.update(checkpoint=checkpoint, model_dir=model_dir, random_init=False)
+    record.update(checkpoint=_where(checkpoint), model_dir=_where(model_dir),
+                  random_init=False)
     return Encoder(fn, image_size, preprocessing, record, variables)
 
 
@@ -216,7 +226,7 @@ def _load_saved_model(path, features):
     def fn(images):
         return signature(images=images)["features"]
 
-    record = {"features": features, "saved_model": path, "random_init": False}
+    record = {"features": features, "saved_model": _where(path), "random_init": False}
     reader = tf.compat.v1.train.NewCheckpointReader(
         run_folder.join(path, "variables", "variables"))
     variables = [reader.get_tensor(key) for key in reader.get_variable_to_shape_map()

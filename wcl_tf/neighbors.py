@@ -95,8 +95,9 @@ class Neighbors:
         """Groups (lists of row ids, most connected first within a group) of rows joined
         by pairs with similarity >= threshold, as connected components; largest group
         first (ties: smallest first id). Exact: a range search of the flat index."""
-        from scipy.sparse import coo_matrix  # pylint: disable=import-outside-toplevel
-        from scipy.sparse.csgraph import connected_components  # pylint: disable=import-outside-toplevel
+        # pylint: disable=import-outside-toplevel
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
 
         n = len(self)
         lims, _, ids = self.exact().range_search(self.rows, float(threshold))

@@ -31,7 +31,8 @@ flags.DEFINE_string("query", None, "An image, or a folder of images: print (and 
                     "--sheet) the --k nearest embedded images of each.")
 flags.DEFINE_integer("k", 10, "Neighbours per query (and for --evaluate).", lower_bound=1)
 flags.DEFINE_string("sheet", None, "PNG contact sheet of the queries and their neighbours "
-                    "(with --duplicates: of the largest groups; NAME-duplicates.png when --query too).")
+                    "(with --duplicates: of the largest groups; NAME-duplicates.png when "
+                    "--query too).")
 flags.DEFINE_integer("max_rows", 12, "Queries or groups drawn on a sheet.", lower_bound=1)
 flags.DEFINE_bool("duplicates", False, "Print groups of near-duplicates: pairs with "
                   "similarity >= --threshold, joined into connected components.")
