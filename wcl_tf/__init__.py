@@ -12,6 +12,11 @@ TensorFlow):
 
 `wcl_tf.run(cfg)` does all of it with checkpoints, resume, TensorBoard and kNN.
 
+Using a trained encoder: `wcl_tf.embed(images, model_dir=...)` returns the embeddings of
+a folder of images and their file list, and `wcl_tf.Neighbors(embeddings)` searches them
+(faiss); see wcl_tf.embedding and wcl_tf.neighbors (the tools wcl_tf.tools.embed and
+wcl_tf.tools.neighbors do the same from the command line, for large collections).
+
 Where the augmentation runs follows cfg.augment_on in both: "host" makes the views in
 tf.data; "device" ("auto" with a GPU/TPU) makes only the crops there (uint8) and the
 model augments them in its train step. Build both from the same cfg.
@@ -27,6 +32,9 @@ def __getattr__(name):
     if name == "run":
         from wcl_tf.training import run
         return run
+    if name == "Neighbors":
+        from wcl_tf.neighbors import Neighbors
+        return Neighbors
     raise AttributeError(f"module 'wcl_tf' has no attribute {name!r}")
 
 
@@ -56,3 +64,23 @@ def pretrain_dataset(cfg, strategy=None, initial_step=0):
     dataset, _ = pipeline.distribute_pretrain_dataset(_strategy(strategy), cfg,
                                                       initial_step=initial_step)
     return dataset
+
+
+def embed(images, model_dir=None, saved_model=None, checkpoint=None, features="backbone",
+          normalize=True, dtype="float32", batch_size=64, random_init=False, seed=0,
+          strategy=None):
+    """(embeddings (N, C) NumPy array, files) of every image below the folder `images` (or
+    of one image file), with the encoder of a run folder (`model_dir`, or `checkpoint`),
+    of an export (`saved_model`), or randomly initialised (`random_init`, the run's
+    architecture). files: one dict per row, {"path" (relative to `images`), "class" (the
+    class folder or ""), "height", "width"}; files that do not decode are skipped.
+    In memory: for large collections write shards with `python -m wcl_tf.tools.embed`."""
+    from wcl_tf import embedding
+
+    encoder = embedding.load_encoder(model_dir=model_dir, checkpoint=checkpoint,
+                                     saved_model=saved_model, features=features,
+                                     random_init=random_init, seed=seed)
+    array, files, _ = embedding.embed_array(encoder, embedding.ImageFolder(images),
+                                            batch_size=batch_size, dtype=dtype,
+                                            normalize=normalize, strategy=strategy)
+    return array, files

@@ -134,6 +134,13 @@ def _list(root, reference_classes=()):
     return paths, labels, names
 
 
+def list_images(root):
+    """(paths, labels, class_names) of every image file below `root` (by extension, not
+    decoded), in the order training lists them: class by class when `root` holds only
+    subfolders (labels 0..C-1), else all files recursively with label -1."""
+    return _list(root)
+
+
 def _decodable(paths):
     """Boolean list: which paths decode (one parallel tf.data pass)."""
     if not paths:
