@@ -30,9 +30,9 @@ setup(
         "mlxtend",
         "matplotlib",
         # Nearest-neighbour search of embeddings (wcl_tf.neighbors); wheels for numpy 2.
-        "faiss-cpu>=1.8",
+        "faiss-cpu==1.15.1",
         # t-SNE maps of embeddings (wcl_tf.embedding_views).
-        "scikit-learn",
+        "scikit-learn==1.9.1",
     ],
     extras_require={
         # nbclient + nbformat + ipykernel (its "python3" kernel) execute the notebooks.
