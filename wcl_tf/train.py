@@ -93,7 +93,8 @@ _HELP = {
     "skip_nonfinite_steps": "Skip up to N steps whose loss or gradients are NaN/Inf "
                             "(never applied either way); 0 stops at the first one, "
                             "keeping the last epoch checkpoint.",
-    "steps_per_execution": "Train steps per device call (Keras); callbacks, logs and the "
+    "steps_per_execution": "Train steps per device call (Keras), lowered to the largest "
+                           "divisor of the steps per epoch not above it; callbacks, logs and the "
                            "non-finite guard read results once per call (fewer host "
                            "syncs on GPU/TPU).",
     "verbose": "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.",
