@@ -61,6 +61,7 @@ def test_each_epoch_takes_exactly_steps_per_epoch_optimizer_steps(tmp_path):
         "\n".join(lines))
 
 
+@pytest.mark.slow  # three short runs (99 s on the loaded 2-core CPU)
 def test_sigterm_mid_epoch_resumes_under_another_n_to_the_uninterrupted_state(tmp_path):
     """6 steps per epoch, N=2, SIGTERM in epoch 2 (saved at step 8), resumed with N=3:
     the rest of the epoch (4 steps) runs 2 per execution, and the run ends at step 12
