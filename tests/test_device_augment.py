@@ -284,7 +284,7 @@ def test_consecutive_steps_inside_fit_draw_different_views():
             assert np.abs(views[step] - views[other]).mean() > 0.01, (step, other)
 
 
-@pytest.mark.slow  # three short runs: ~50 s on an idle 2-core CPU, 166 s on a loaded one
+@pytest.mark.slow  # three short runs: 166 s measured on the loaded shared 2-core CPU
 def test_sigterm_and_resume_with_device_augmentation_end_bit_identical(tmp_path):
     """augment_on="device" on the CPU: SIGTERM in epoch 2, the same call again resumes
     mid-epoch and ends with the uninterrupted run's weights and optimizer state (the
