@@ -4,10 +4,6 @@ weak-to-strong switch and the data epochs drifted from Keras' epochs and a mid-e
 resume computed the wrong epoch. A run now uses the largest divisor of the epoch length
 not above N, and says so."""
 
-import io
-import zipfile
-
-import h5py
 import keras
 import numpy as np
 import pytest
@@ -15,7 +11,7 @@ import pytest
 from wcl_tf import training
 from wcl_tf.config import Config
 
-from test_preemption import _SigtermAt
+from test_preemption import _SigtermAt, _weights
 
 TINY = dict(dataset="embedded_mnist", image_size=16, backbone="small_cnn", width=4,
             head_hidden_dim=16, head_output_dim=8, global_batch_size=16, epochs=2,
@@ -37,17 +33,6 @@ class _StepsAtEpochEnd(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.steps.append(int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)))
-
-
-def _weights(path):
-    """{name: array} of every variable in a .keras file (model and optimizer)."""
-    with zipfile.ZipFile(path) as archive:
-        data = archive.read("model.weights.h5")
-    arrays = {}
-    with h5py.File(io.BytesIO(data), "r") as f:
-        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
-                     if isinstance(obj, h5py.Dataset) else None)
-    return arrays
 
 
 def test_each_epoch_takes_exactly_steps_per_epoch_optimizer_steps(tmp_path):
