@@ -70,8 +70,9 @@ def build_model():
     keras.utils.set_random_seed(1)
     from wcl_tf.models.wcl_model import build_wcl_model
 
+    # gather_grad="full": the option under which two workers equal one device.
     return build_wcl_model("small_cnn", head_hidden_dim=16, head_output_dim=8, width=4,
-                           sync_bn=True, image_size=IMAGE_SIZE)
+                           sync_bn=True, image_size=IMAGE_SIZE, gather_grad="full")
 
 
 def load_weights(path):

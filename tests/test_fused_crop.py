@@ -111,10 +111,10 @@ def test_png_falls_back_to_full_decode_identically():
 
 
 def test_whole_image_crop_equals_full_decode():
-    """The fallback box (the whole image) and a crop at the image's own size."""
+    """The fallback box (a centre crop) and a crop at the image's own size."""
     contents = _generated_jpegs()["baseline"]
     seed = tf.constant([0, 0], tf.int64)
-    # Scale (1, 1) at ratio 1 never fits a non-square image: the whole image is used.
+    # Scale (1, 1) at ratio 1 never fits a non-square image: the fallback is used.
     diff = np.abs(
         augment.crops_of_encoded(contents, 1, 128, (1.0, 1.0), (1.0, 1.0), seed).numpy()
         .astype(int) - augment.crops_of_image(folder.decode(contents), 1, 128, (1.0, 1.0),

@@ -29,9 +29,10 @@ def _batch(seed=0, m=M):
 
 def _model(knn_crops=2, mu=1.0, lam=1.0):
     keras.utils.set_random_seed(3)
+    # gather_grad="full": the option under which two replicas equal one.
     return build_wcl_model("small_cnn", head_hidden_dim=16, head_output_dim=8, width=4,
                            sync_bn=True, image_size=S, knn_crops=knn_crops,
-                           local_loss_weight=mu, graph_loss_weight=lam)
+                           local_loss_weight=mu, graph_loss_weight=lam, gather_grad="full")
 
 
 @pytest.mark.parametrize("n,m,k", [(6, 4, 1), (16, 6, 3), (10, 2, 2)])

@@ -29,3 +29,23 @@ def test_import_does_not_start_tensorflow():
                           "print('tensorflow' in sys.modules)"],
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_build_model_leaves_the_notebooks_tensorflow_draws_alone():
+    """A notebook's tf.random draws after build_model continue as they would without the
+    build: the global seed and the op-seed counter are given back (issue #19: restoring
+    through tf.random.set_seed restarted the counter, so the next draw repeated the
+    first)."""
+    import tensorflow as tf
+
+    cfg = wcl_tf.Config(dataset="embedded_mnist", image_size=16, backbone="small_cnn",
+                        width=4, head_hidden_dim=8, head_output_dim=4, global_batch_size=16,
+                        epochs=1, max_train_examples=32, warmup_epochs=0, seed=3)
+    tf.random.set_seed(5)
+    without = [tf.random.uniform([4]).numpy() for _ in range(3)]
+    assert not np.array_equal(without[0], without[1])
+    tf.random.set_seed(5)
+    drawn = [tf.random.uniform([4]).numpy()]
+    wcl_tf.build_model(cfg)
+    drawn += [tf.random.uniform([4]).numpy() for _ in range(2)]
+    np.testing.assert_array_equal(drawn, without)

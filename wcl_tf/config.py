@@ -66,9 +66,11 @@ class Config:
     # Objective (docs/method.md sections 2 and 3).
     temperature: float = 0.1
     graph_loss_weight: float = 1.0  # lambda; 0 gives SimCLR
-    # Instance-loss keys from other replicas: "full" (carry gradient; R replicas == 1)
-    # or "local" (constants, as in the authors' code).
-    gather_grad: str = "full"
+    # Instance-loss keys from other replicas: "local" (constants, as in the authors' code:
+    # concat_other_gather under no_grad, DDP averages the replicas' gradients) or "full"
+    # (carry gradient back to their replica; an R-replica step equals the 1-replica step).
+    # The two are the same at one replica.
+    gather_grad: str = "local"
     # Graph-loss keys carry gradient. False is the authors' code (their keys come from a
     # no_grad gather): only the anchors get the graph loss's gradient.
     graph_key_grad: bool = False

@@ -7,11 +7,15 @@ its own seeds and policy changed afterwards: `scoped(seed, policy)` restores the
 
 Keras keeps its global seed and seed generator in `keras.src.backend.common.global_state`
 (what `keras.utils.set_random_seed` writes); there is no public getter for the generator,
-so that private module is read and restored here. TensorFlow's global seed is read with
-`tensorflow.python.eager.context.global_seed()` for the same reason.
+so that private module is read and restored here. TensorFlow's eager random state is the
+context's global seed plus the generator that hands the next op seed to every unseeded
+random op (`tf.random.set_seed` restarts it); both are private attributes of
+`tensorflow.python.eager.context.context()`, saved and put back as they were (through
+`tf.random.set_seed` the notebook's next `tf.random.uniform` would repeat its first draw).
 """
 
 import contextlib
+import copy
 import random
 
 import keras
@@ -25,13 +29,26 @@ from tensorflow.python.eager import context
 _KERAS_KEYS = (rng_utils.GLOBAL_RANDOM_SEED, seed_generator.GLOBAL_SEED_GENERATOR)
 
 
+def _tf_state():
+    """TensorFlow's eager global seed and its op-seed generator (a random.Random)."""
+    ctx = context.context()
+    return ctx._seed, copy.deepcopy(getattr(ctx, "_rng", None))  # pylint: disable=protected-access
+
+
+def _set_tf_state(state):
+    """Puts back a _tf_state() without tf.random.set_seed, which would restart the op-seed
+    generator and clear the kernel cache (where explicitly seeded ops keep their state)."""
+    ctx = context.context()
+    ctx._seed, ctx._rng = state[0], copy.deepcopy(state[1])  # pylint: disable=protected-access
+
+
 @contextlib.contextmanager
 def scoped(seed=None, policy=None):
     """Within the block: keras.utils.set_random_seed(seed) (when not None) and Keras'
     global dtype policy `policy` (when not None); afterwards both are as they were."""
     saved_policy = keras.config.dtype_policy()
     saved_python, saved_numpy = random.getstate(), np.random.get_state()
-    saved_tf = context.global_seed()
+    saved_tf = _tf_state()
     saved_keras = {key: global_state.get_global_attribute(key) for key in _KERAS_KEYS}
     try:
         if policy is not None:
@@ -43,7 +60,7 @@ def scoped(seed=None, policy=None):
         keras.config.set_dtype_policy(saved_policy)
         random.setstate(saved_python)
         np.random.set_state(saved_numpy)
-        tf.random.set_seed(saved_tf)
+        _set_tf_state(saved_tf)
         for key, value in saved_keras.items():
             global_state.set_global_attribute(key, value)
 
@@ -57,9 +74,9 @@ def no_global_tf_seed():
     (0, seed_tensor) with (0, 0) and fails on the tensor's truth value; without a global
     seed the op seed alone decides, so the order depends on cfg.seed only.
     """
-    saved = context.global_seed()
+    saved = _tf_state()
     tf.random.set_seed(None)
     try:
         yield
     finally:
-        tf.random.set_seed(saved)
+        _set_tf_state(saved)

@@ -49,8 +49,11 @@ _HELP = {
     "sync_bn": "Synchronized BatchNorm across replicas (default: on with >1 replica).",
     "temperature": "Temperature tau of both losses.",
     "graph_loss_weight": "lambda, weight of the weak-label graph loss (0 = SimCLR).",
-    "gather_grad": "Instance loss: gradient through other replicas' keys: full (R "
-                   "replicas == 1 replica) or local (the authors' instance loss).",
+    "gather_grad": "Instance loss, other replicas' keys: local (default, the authors' "
+                   "code: they are constants, only this replica's rows carry gradient) "
+                   "or full (they carry gradient back to their replica, so an R-replica "
+                   "step equals the 1-replica step on the same global batch). The same "
+                   "at one replica.",
     "graph_key_grad": "Graph loss: give its keys gradient too. Off (default) is the "
                       "authors' code: only the anchors get the graph loss's gradient.",
     "global_batch_size": "Images per step over all replicas.",
@@ -90,7 +93,8 @@ _HELP = {
     "skip_nonfinite_steps": "Skip up to N steps whose loss or gradients are NaN/Inf "
                             "(never applied either way); 0 stops at the first one, "
                             "keeping the last epoch checkpoint.",
-    "steps_per_execution": "Train steps per device call (Keras); callbacks, logs and the "
+    "steps_per_execution": "Train steps per device call (Keras), lowered to the largest "
+                           "divisor of the steps per epoch not above it; callbacks, logs and the "
                            "non-finite guard read results once per call (fewer host "
                            "syncs on GPU/TPU).",
     "verbose": "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.",

@@ -54,6 +54,7 @@ running it again returns its results.json without training (use a new model_dir 
 again).
 """
 
+import contextlib
 import json
 import math
 import time
@@ -237,12 +238,25 @@ def _knn(encoder, arrays, cfg):
                                 k=cfg.knn_k, temperature=cfg.knn_temperature)
 
 
+def execution_steps(requested, steps):
+    """Train steps per execution for epochs of `steps` steps: the largest divisor of
+    `steps` not above `requested` (cfg.steps_per_execution).
+
+    Keras 3 runs ceil(steps / N) * N steps per epoch from an endless dataset: with an N
+    that does not divide the epoch, the LR schedule, the weak-to-strong switch and the
+    data epochs would drift from Keras' epochs (and a mid-epoch resume would compute the
+    wrong epoch)."""
+    requested, steps = int(requested), int(steps)
+    return max(d for d in range(1, max(1, min(requested, steps)) + 1) if steps % d == 0)
+
+
 def build(cfg, strategy, steps_per_epoch):
     """WCLModel compiled with LARS + warm-up cosine, inside `strategy.scope()`.
 
     cfg.precision is Keras' dtype policy of the layers built here (the losses stay float32
     whatever it is); mixed_float16 adds dynamic loss scaling around LARS. The global
-    policy and random seeds are set for the build and restored afterwards.
+    policy and random seeds are set for the build and restored afterwards. Steps per
+    execution: execution_steps(cfg.steps_per_execution, steps_per_epoch).
     """
     replicas = strategy.num_replicas_in_sync
     sync_bn = cfg.sync_bn if cfg.sync_bn is not None else replicas > 1
@@ -259,7 +273,8 @@ def build(cfg, strategy, steps_per_epoch):
         optimizer = optimizers.build_optimizer(cfg, steps_per_epoch)
         if cfg.precision == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution)
+        model.compile(optimizer=optimizer, steps_per_execution=execution_steps(
+            cfg.steps_per_execution, steps_per_epoch))
     # The schedule's epoch length: model.fit uses it unless told otherwise.
     model.steps_per_epoch = steps_per_epoch
     return model
@@ -381,6 +396,21 @@ def _summary(cfg, results):
             f"{results['train_seconds'] / 60:.1f} min; model in {results['checkpoint']})")
 
 
+@contextlib.contextmanager
+def _steps_per_execution(model, n):
+    """model trains n steps per execution within the block (Keras reads the attribute
+    when it traces the train function and when fit starts an epoch)."""
+    saved = model.steps_per_execution
+    if n == saved:
+        yield
+        return
+    model.steps_per_execution, model.train_function = n, None
+    try:
+        yield
+    finally:
+        model.steps_per_execution, model.train_function = saved, None
+
+
 def _resume_point(cfg, steps, agreement):
     """(checkpoint path or None, optimizer step it holds, epochs done, mid-epoch?) to
     resume from.
@@ -462,6 +492,11 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         f"augmentation on the {augment_side(cfg)}, peak lr {cfg.learning_rate():.4g}")
 
     model = build(cfg, strategy, steps)
+    if model.steps_per_execution != cfg.steps_per_execution:
+        log(f"wcl_tf: --steps_per_execution={cfg.steps_per_execution} does not divide the "
+            f"{steps} steps per epoch: using {model.steps_per_execution}, the largest "
+            f"divisor of {steps} not above it (Keras would round every epoch up to a "
+            f"multiple of {cfg.steps_per_execution} steps)")
     if writes:
         _check_disk_space(cfg, model)
     agreement = distributed.WorkerAgreement(strategy)
@@ -535,9 +570,13 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         # number of steps, so it is a fit() of its own, stopped after that epoch (epochs
         # still count to cfg.epochs in the logs and callbacks).
         stop = _StopAfterOneEpoch()
-        model.fit(dataset, epochs=cfg.epochs, initial_epoch=epoch,
-                  steps_per_epoch=steps - into_epoch, callbacks=all_callbacks + [stop],
-                  verbose=cfg.verbose, shuffle=False)
+        # Steps per execution that divide the rest of the epoch too (a checkpoint saved
+        # under another --steps_per_execution may stop between this one's executions).
+        with _steps_per_execution(model, execution_steps(model.steps_per_execution,
+                                                         steps - into_epoch)):
+            model.fit(dataset, epochs=cfg.epochs, initial_epoch=epoch,
+                      steps_per_epoch=steps - into_epoch, callbacks=all_callbacks + [stop],
+                      verbose=cfg.verbose, shuffle=False)
         train_seconds = checkpoint.train_seconds()
         epoch += 1
         if stop.other:  # A user callback (EarlyStopping, ...) ended training.

@@ -58,8 +58,8 @@ from wcl_tf.config import AUGMENT_ON
 
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
-# Random resized crop: candidate boxes drawn per image before falling back to the
-# whole image (torchvision draws up to 10, then takes a centre crop).
+# Random resized crop: candidate boxes drawn per image before falling back to a centre
+# crop (torchvision draws up to 10, then takes a centre crop; see crop_boxes).
 _CROP_TRIES = 10
 # Gaussian blur sigma range of both recipes.
 BLUR_SIGMA = (0.1, 2.0)
@@ -137,8 +137,11 @@ def crop_boxes(count, scale, ratio, seed, image_aspect=1.0):
     fractions of the image side, for images of width / height `image_aspect`.
 
     Area fraction ~ U(scale), log aspect ratio (of the crop in pixels) ~ U(log ratio); the
-    first of _CROP_TRIES candidates that fits inside the image is used, else the whole
-    image.
+    first of _CROP_TRIES candidates that fits inside the image is used, else torchvision's
+    fallback: the centred crop of the whole image clamped to the ratio range (full width
+    and height W / min(ratio) for an image narrower than that, full height and width
+    H * max(ratio) for one wider than that, else the whole image); torchvision 0.29
+    transforms.RandomResizedCrop.get_params, its "Fallback to central crop" branch.
     """
     area_seed, ratio_seed, y_seed, x_seed = _split(seed, 4)
     area = _uniform([count, _CROP_TRIES], area_seed, scale[0], scale[1])
@@ -152,10 +155,14 @@ def crop_boxes(count, scale, ratio, seed, image_aspect=1.0):
     fits = tf.logical_and(height <= 1.0, width <= 1.0)
     first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
     any_fits = tf.reduce_any(fits, axis=1)
-    height = tf.where(any_fits, tf.gather(height, first, batch_dims=1), 1.0)
-    width = tf.where(any_fits, tf.gather(width, first, batch_dims=1), 1.0)
-    top = _uniform([count], y_seed, 0.0, 1.0) * (1.0 - height)
-    left = _uniform([count], x_seed, 0.0, 1.0) * (1.0 - width)
+    low, high = tf.minimum(ratio[0], ratio[1]), tf.maximum(ratio[0], ratio[1])
+    fallback_height = tf.minimum(1.0, image_aspect / low)
+    fallback_width = tf.minimum(1.0, high / image_aspect)
+    height = tf.where(any_fits, tf.gather(height, first, batch_dims=1), fallback_height)
+    width = tf.where(any_fits, tf.gather(width, first, batch_dims=1), fallback_width)
+    # A fitting box sits uniformly at random, the fallback in the centre.
+    top = tf.where(any_fits, _uniform([count], y_seed, 0.0, 1.0), 0.5) * (1.0 - height)
+    left = tf.where(any_fits, _uniform([count], x_seed, 0.0, 1.0), 0.5) * (1.0 - width)
     return tf.stack([top, left, top + height, left + width], axis=1)
 
 

@@ -69,8 +69,9 @@ class WCLModel(keras.Model):
       graph_head: keras.Model (b, C) -> (b, D), the weak-label head phi.
       temperature: tau of both losses.
       graph_loss_weight: lambda; 0 trains plain SimCLR (the graph head is unused).
-      gather_grad: "full" or "local" gradient through the cross-replica gather of the
-        instance loss's keys (and of the graph loss's keys when graph_key_grad).
+      gather_grad: "local" (default, the authors' code) or "full" gradient through the
+        cross-replica gather of the instance loss's keys (and of the graph loss's keys
+        when graph_key_grad); see wcl_tf.distributed.gather.
       graph_key_grad: False (the authors' code): the graph loss's keys are constants and
         only its anchors carry gradient (docs/method.md section 3.1); True: the keys too.
       knn_crops: K, multi-crop local crops kept per image (docs/method.md section 6); 0 keeps
@@ -84,7 +85,7 @@ class WCLModel(keras.Model):
     """
 
     def __init__(self, backbone, instance_head, graph_head, temperature=0.1,
-                 graph_loss_weight=1.0, gather_grad="full", knn_crops=0,
+                 graph_loss_weight=1.0, gather_grad="local", knn_crops=0,
                  local_loss_weight=1.0, graph_key_grad=False, view_augmentation=None,
                  **kwargs):
         super().__init__(**kwargs)
@@ -423,7 +424,7 @@ class WCLModel(keras.Model):
 
 def build_wcl_model(backbone="small_cnn", head_hidden_dim=2048, head_output_dim=128,
                     sync_bn=False, width=64, temperature=0.1, graph_loss_weight=1.0,
-                    gather_grad="full", image_size=None, knn_crops=0, local_loss_weight=1.0,
+                    gather_grad="local", image_size=None, knn_crops=0, local_loss_weight=1.0,
                     graph_key_grad=False, view_augmentation=None):
     """A WCLModel with a named backbone and two 3-layer projection heads.
 
