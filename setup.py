@@ -44,5 +44,6 @@ setup(
         "wcl-show-views=wcl_tf.tools.show_views:main",
         "wcl-raw-pixel-knn=wcl_tf.tools.raw_pixel_knn:main",
         "wcl-reproduce-cifar=wcl_tf.tools.reproduce_cifar:main",
+        "wcl-import-torch=wcl_tf.tools.import_torch:main",
     ]},
 )
