@@ -13,7 +13,7 @@ from wcl_tf import flagfiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = ["knn_eval", "linear_eval", "finetune", "export", "benchmark", "show_views",
-         "raw_pixel_knn", "reproduce_cifar"]
+         "raw_pixel_knn", "reproduce_cifar", "import_torch"]
 
 
 def _env(**extra):

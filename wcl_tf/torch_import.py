@@ -158,15 +158,14 @@ def _shape_text(shape):
 def check_keys(state, expected, skipped_keys, limit=5):
     """Raises ImportError_ naming the first missing, unexpected or misshapen entries."""
     expected_shapes = {key: shape for key, shape, _, _ in expected}
-    problems = []
-    for key, shape in expected_shapes.items():
-        if key not in state:
-            problems.append(f"missing {key} {_shape_text(shape)}")
-        elif tuple(state[key].shape) != shape:
-            problems.append(f"{key} has shape {_shape_text(state[key].shape)}, the network "
-                            f"needs {_shape_text(shape)}")
-    extra = [k for k in state if k not in expected_shapes and k not in skipped_keys]
-    problems += [f"unexpected {k} {_shape_text(state[k].shape)}" for k in extra]
+    # Wrong shapes first, then entries the network does not have, then missing ones.
+    problems = [f"{key} has shape {_shape_text(state[key].shape)}, the network needs "
+                f"{_shape_text(shape)}" for key, shape in expected_shapes.items()
+                if key in state and tuple(state[key].shape) != shape]
+    problems += [f"unexpected {k} {_shape_text(state[k].shape)}" for k in state
+                 if k not in expected_shapes and k not in skipped_keys]
+    problems += [f"missing {key} {_shape_text(shape)}"
+                 for key, shape in expected_shapes.items() if key not in state]
     if problems:
         more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
         raise ImportError_(

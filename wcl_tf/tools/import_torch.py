@@ -52,8 +52,8 @@ flags.DEFINE_integer("image_size", 224, "image_size recorded in config.json (the
                      "default input size).", lower_bound=8)
 
 
-def _check_paths():
-    checkpoint, model_dir = FLAGS.checkpoint, FLAGS.model_dir
+def check_paths(checkpoint, model_dir):
+    """Raises run_dir.UserError for a missing checkpoint or a model_dir holding files."""
     if not checkpoint:
         raise run_dir.UserError("pass --checkpoint=PATH, the PyTorch file (e.g. wcl-200.pth).")
     if not model_dir:
@@ -72,21 +72,24 @@ def _check_paths():
     return checkpoint, model_dir
 
 
-def _config(info, model_dir):
+def _config(info, model_dir, image_size):
     from wcl_tf.config import Config  # pylint: disable=import-outside-toplevel
 
     hidden, output = info["heads"]
     epoch = info.get("epoch")
+    epochs = epoch if isinstance(epoch, int) and epoch > 0 else 100  # their 100 or 200
+    # The authors' ImageNet recipe (wcl_tf/configs/r50.flags) with the file's epoch count.
     return Config(
         dataset="imagenet2012", train_split="train", eval_split="validation",
-        image_size=FLAGS.image_size, backbone="resnet50", head_hidden_dim=hidden,
-        head_output_dim=output, global_batch_size=4096,
-        epochs=epoch if isinstance(epoch, int) and epoch > 0 else 100, warmup_epochs=10,
-        blur=True, max_eval_examples=10000, model_dir=model_dir).validate()
+        image_size=image_size, backbone="resnet50", head_hidden_dim=hidden,
+        head_output_dim=output, global_batch_size=4096, epochs=epochs,
+        warmup_epochs=min(10, epochs), weak_aug_epochs=min(10, epochs), blur=True,
+        max_eval_examples=10000, model_dir=model_dir).validate()
 
 
-def import_checkpoint(checkpoint, model_dir, log=run_dir.log):
+def import_checkpoint(checkpoint, model_dir, image_size=224, log=run_dir.log):
     """Writes the run folder; returns the import record. Raises run_dir.UserError."""
+    check_paths(checkpoint, model_dir)
     start = time.time()
     try:
         ckpt = torch_checkpoint.Checkpoint(checkpoint)
@@ -116,7 +119,7 @@ def import_checkpoint(checkpoint, model_dir, log=run_dir.log):
             raise run_dir.UserError(f"{checkpoint}: {run_dir.one_line(err)}") from None
         bytes_read, storage_bytes = ckpt.bytes_read, ckpt.storage_bytes
     digest = torch_import.sha256(checkpoint)
-    cfg = _config(info, model_dir)
+    cfg = _config(info, model_dir, image_size)
     record = {
         "source": os.path.basename(checkpoint),
         "source_bytes": os.path.getsize(checkpoint),
@@ -178,8 +181,7 @@ def _write_folder(model_dir, cfg, model, classifier, record):
 
 
 def _main():
-    checkpoint, model_dir = _check_paths()
-    import_checkpoint(checkpoint, model_dir)
+    import_checkpoint(FLAGS.checkpoint, FLAGS.model_dir, FLAGS.image_size)
     return 0
 
 
