@@ -157,8 +157,10 @@ def test_features_and_heads_equal_pytorch(torch_model, imported, tmp_path):
     features = model.backbone(images, training=False)
     ours = [features.numpy(), model.instance_head(features, training=False).numpy(),
             model.graph_head(features, training=False).numpy()]
+    print(f"{len(images)} images ({len(images) - 2} photos)")
     for name, a, b in zip(("features", "instance head", "graph head"), ours, theirs):
         assert a.shape == b.shape
+        print(f"{name}: max relative difference {_relative(a, b):.2e}")
         assert _relative(a, b) <= TOLERANCE, (name, _relative(a, b))
 
     # The SavedModel's serving_default (uint8 photos of any size) = the Keras model on the
@@ -174,6 +176,8 @@ def test_features_and_heads_equal_pytorch(torch_model, imported, tmp_path):
         out = served(images=tf.constant(image[None]))["features"].numpy()
         crop = eval_input.resize_center_crop(tf.constant(image[None]), 224) / 255.0
         keras_out = model.backbone(tf.clip_by_value(crop, 0.0, 1.0), training=False).numpy()
+        print(f"serving_default {image.shape}: max relative difference "
+              f"{_relative(out, keras_out):.2e}")
         assert _relative(out, keras_out) <= 1e-5
 
 
@@ -197,6 +201,7 @@ def test_linear_eval_checkpoint_gives_their_logits(tmp_path):
     classifier = export.load_checkpoint(str(tmp_path / "run" / "classifier.keras"))
     ours = classifier(images, training=False).numpy()
     assert ours.shape == (3, 1000)
+    print(f"classifier logits: max relative difference {_relative(ours, theirs):.2e}")
     assert _relative(ours, theirs) <= TOLERANCE
     # Exported, the SavedModel returns the class logits.
     export.export_encoder(classifier, str(tmp_path / "export"), 224)

@@ -98,9 +98,9 @@ def test_import_then_knn_eval_and_export(imported):
         state["module.head2.linear3.weight"].T)
 
     log = _run("wcl_tf.tools.knn_eval", f"--model_dir={run}", f"--dataset={dataset}",
-               "--k=3")
+               "--eval_split=test", "--k=3")
     assert "kNN top-1" in log
-    assert json.loads((run / "knn_eval.json").read_text())["top1"] >= 0.0
+    assert json.loads((run / "knn_eval.json").read_text())["knn_top1"] >= 0.0
     _run("wcl_tf.tools.export", f"--model_dir={run}", f"--export_dir={root / 'export'}")
     served = tf.saved_model.load(str(root / "export")).signatures["serving_default"]
     images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
@@ -113,15 +113,15 @@ def test_import_then_knn_eval_and_export(imported):
 def test_import_then_linear_eval_finetune_and_continued_pretraining(imported):
     root, run, _, dataset = imported
     _run("wcl_tf.tools.linear_eval", f"--model_dir={run}", f"--dataset={dataset}",
-         "--mode=fast", "--epochs=2", "--batch_size=8")
+         "--eval_split=test", "--mode=fast", "--epochs=2", "--batch_size=8")
     assert (run / "linear_eval.json").exists()
     _run("wcl_tf.tools.finetune", f"--model_dir={run}", f"--dataset={dataset}",
-         "--epochs=1", "--label_fraction=0.5", "--batch_size=4")
+         "--eval_split=test", "--epochs=1", "--label_fraction=0.5", "--batch_size=4")
     assert (run / "finetune.json").exists()
     log = _run("wcl_tf.train", f"--init_from={run}", f"--model_dir={root / 'continued'}",
-               f"--dataset={dataset}", "--backbone=resnet50", f"--head_hidden_dim={HIDDEN}",
-               f"--head_output_dim={OUT}", "--image_size=32", "--epochs=1",
-               "--warmup_epochs=0", "--weak_aug_epochs=0", "--global_batch_size=4",
+               f"--dataset={dataset}", "--eval_split=test", "--backbone=resnet50",
+               f"--head_hidden_dim={HIDDEN}", f"--head_output_dim={OUT}", "--image_size=32",
+               "--epochs=1", "--warmup_epochs=0", "--weak_aug_epochs=0", "--global_batch_size=4",
                "--augment_on=host", "--knn_k=3", "--verbose=2")
     assert f"initialised the backbone and both heads from {run}" in log
     assert json.loads((root / "continued" / "results.json").read_text())["optimizer_steps"] == 2

@@ -24,12 +24,21 @@ class ProjectionHead(torch.nn.Module):
         self.relu2 = torch.nn.ReLU()
         self.linear3 = torch.nn.Linear(dim_hidden, dim_out)
 
+    @staticmethod
+    def _bn(bn, x):
+        # As the authors' head (network/head.py lines 35-39): BatchNorm on a (N, C, 1, 1)
+        # tensor. Their BatchNorm1d modules are SyncBatchNorm after convert_sync_batchnorm
+        # (wcl.py line 100), which takes 4-D input; torch's BatchNorm1d refuses it, so the
+        # same computation is called functionally here.
+        y = torch.nn.functional.batch_norm(
+            x[:, :, None, None], bn.running_mean, bn.running_var, bn.weight, bn.bias,
+            bn.training, bn.momentum, bn.eps)
+        return y[:, :, 0, 0]
+
     def forward(self, x):
-        # As the authors' head: BatchNorm on a (N, C, 1, 1) tensor.
-        x = self.bn1(self.linear1(x)[:, :, None, None])[:, :, 0, 0]
-        x = self.relu1(x)
-        x = self.bn2(self.linear2(x)[:, :, None, None])[:, :, 0, 0]
-        return self.linear3(self.relu2(x))
+        x = self.relu1(self._bn(self.bn1, self.linear1(x)))
+        x = self.relu2(self._bn(self.bn2, self.linear2(x)))
+        return self.linear3(x)
 
 
 def resnet50():

@@ -21,7 +21,9 @@ The two architectures are the same network, layer for layer: wcl_tf's ResNet-50
 (wcl_tf/models/backbones.py) is torchvision's v1.5 with its names ("." -> "_"), and its
 heads (wcl_tf/models/heads.py) are Linear(bias) -> BN -> ReLU -> Linear(bias) -> BN ->
 ReLU -> Linear(bias), as theirs; their BatchNorm1d on a (N, C, 1, 1) tensor (head.py lines
-35-39) normalises each channel over the batch exactly like a BatchNorm on (N, C). Both
+35-39) normalises each channel over the batch exactly like a BatchNorm on (N, C) (it runs
+because wcl.py line 100 converts every BatchNorm to SyncBatchNorm, which takes 4-D input;
+a plain BatchNorm1d refuses it). Both
 BatchNorms use eps 1e-5 (the backbone's fused kernel raises it to 1.001e-5, see
 wcl_tf/models/batch_norm.py). Weight layouts: Conv2d (O, I, kh, kw) -> Keras (kh, kw, I,
 O); Linear (out, in) -> Dense kernel (in, out); BN weight, bias, running_mean,
