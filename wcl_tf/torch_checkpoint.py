@@ -188,7 +188,8 @@ class SafeUnpickler(pickle.Unpickler):
             raise UnsafeCheckpointError(
                 f"refusing to load: the checkpoint's pickle names the global "
                 f"{module}.{name}, which is not part of a tensor checkpoint (unpickling it "
-                "could run code); nothing was executed.") from None
+                "could run code); nothing was executed. For a pickled model object, "
+                "re-save its state_dict() with torch.save.") from None
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"
