@@ -6,8 +6,8 @@ Writes, in a temporary folder, what the authors' wcl.py saves after an epoch: a
 torch.save of {"model": the state dict of DistributedDataParallel(ResNet-50 + two
 2048-4096-4096-256 heads), "optimizer": SGD state with a momentum buffer per parameter,
 "epoch": 200} (about 77 M parameters: 310 MB of weights, 610 MB with the momentum), with
-random weights. Then, each in a fresh process whose peak resident memory is read from
-getrusage (RUSAGE_CHILDREN):
+random weights. Then, each in a fresh process timed by GNU time (/usr/bin/time: wall seconds and
+the process's maximum resident set):
 
     reader    wcl_tf.torch_checkpoint alone: open the file and read every model tensor
               (one at a time, as the import does), no TensorFlow
@@ -22,11 +22,10 @@ needs PyTorch; the import does not use it.
 import argparse
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,17 +77,15 @@ torch_import.build_models({"layout": "pretraining", "head_hidden_dim": 4096,
 
 
 def measured(args):
-    """(seconds, peak RSS bytes of the child, stdout) of one child process."""
+    """(seconds, peak RSS bytes, stdout, CPU seconds) of one child process, from /usr/bin/time (GNU
+    time's %M: the child's own maximum resident set; getrusage(RUSAGE_CHILDREN) would
+    also count this process's RSS, which a fork inherits)."""
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    start = time.time()
-    out = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
-    seconds = time.time() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    if peak <= before * 1024:
-        print("warning: this child's peak was below an earlier child's; run the modes "
-              "in separate invocations to see it", file=sys.stderr)
-    return seconds, peak, out.stdout
+    out = subprocess.run(["/usr/bin/time", "-f", "TIME %e %M %U %S", *args], env=env,
+                         capture_output=True, text=True, check=True)
+    line = [l for l in out.stderr.splitlines() if l.startswith("TIME ")][-1]
+    seconds, kib, user, system = line.split()[1:]
+    return float(seconds), int(kib) * 1024, out.stdout, float(user) + float(system)
 
 
 def main():
@@ -107,23 +104,25 @@ def main():
             print(f"checkpoint: {params:,} parameters, {weight_bytes / 1e6:.0f} MB in the "
                   f"model state dict, file {os.path.getsize(path) / 1e6:.0f} MB")
         modes = ["reader", "baseline", "import"] if args.mode == "all" else [args.mode]
-        for mode in modes:  # Peaks only grow: the order keeps each child's visible.
+        for mode in modes:
             if mode == "reader":
-                seconds, peak, out = measured([sys.executable, "-c", READER, path])
+                seconds, peak, out, cpu = measured([sys.executable, "-c", READER, path])
                 read, total = (int(x) for x in out.split())
-                print(f"reader:   {seconds:5.1f} s, peak RSS {peak / 1e6:5.0f} MB, "
+                print(f"reader:   {seconds:5.1f} s ({cpu:.1f} s CPU), peak RSS {peak / 1e6:5.0f} MB, "
                       f"read {read / 1e6:.0f} of {total / 1e6:.0f} MB of storages")
             elif mode == "baseline":
-                seconds, peak, _ = measured([sys.executable, "-c", BASELINE])
-                print(f"baseline: {seconds:5.1f} s, peak RSS {peak / 1e6:5.0f} MB "
+                seconds, peak, _, cpu = measured([sys.executable, "-c", BASELINE])
+                print(f"baseline: {seconds:5.1f} s ({cpu:.1f} s CPU), peak RSS {peak / 1e6:5.0f} MB "
                       "(TensorFlow + the empty model)")
             else:
                 run = os.path.join(folder, "run")
-                seconds, peak, _ = measured([sys.executable, "-m",
+                if os.path.exists(run):
+                    shutil.rmtree(run)
+                seconds, peak, _, cpu = measured([sys.executable, "-m",
                                              "wcl_tf.tools.import_torch",
                                              f"--checkpoint={path}", f"--model_dir={run}"])
                 record = json.load(open(os.path.join(run, "import_record.json")))
-                print(f"import:   {seconds:5.1f} s, peak RSS {peak / 1e6:5.0f} MB, read "
+                print(f"import:   {seconds:5.1f} s ({cpu:.1f} s CPU), peak RSS {peak / 1e6:5.0f} MB, read "
                       f"{record['storage_bytes_read'] / 1e6:.0f} of "
                       f"{record['storage_bytes_in_file'] / 1e6:.0f} MB of storages")
 
