@@ -51,5 +51,6 @@ setup(
         "wcl-embed=wcl_tf.tools.embed:main",
         "wcl-neighbors=wcl_tf.tools.neighbors:main",
         "wcl-benchmark-embed=wcl_tf.tools.benchmark_embed:main",
+        "wcl-import-torch=wcl_tf.tools.import_torch:main",
     ]},
 )

@@ -14,7 +14,7 @@ from wcl_tf import flagfiles
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = ["knn_eval", "linear_eval", "finetune", "export", "benchmark", "show_views",
          "raw_pixel_knn", "reproduce_cifar", "embed", "neighbors",
-         "benchmark_embed"]
+         "benchmark_embed", "import_torch"]
 
 
 def _env(**extra):

@@ -62,6 +62,9 @@ class Config:
     head_output_dim: int = 128
     # None: synchronized BN exactly when more than one replica trains.
     sync_bn: Optional[bool] = None
+    # A run folder (its final.keras) or .keras file whose backbone and heads start this
+    # run; the optimizer and schedule start afresh (wcl_tf/warm_start.py).
+    init_from: Optional[str] = None
 
     # Objective (docs/method.md sections 2 and 3).
     temperature: float = 0.1

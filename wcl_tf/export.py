@@ -57,6 +57,9 @@ OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 PREPROCESSING = ("resize_center_crop", "squash")
 # Above this training image size the serving signature defaults to resize + centre crop.
 CENTER_CROP_ABOVE = 64
+# A Keras model of this name (backbone + Dense, written by wcl_tf.tools.import_torch from a
+# linear-evaluation checkpoint) is exported with the output "logits" instead of "features".
+CLASSIFIER_NAME = "linear_classifier"
 
 
 def default_preprocessing(image_size):
@@ -138,7 +141,8 @@ def _resize_record(image_size, preprocessing):
     }
 
 
-def preprocessing_spec(image_size, feature_dim, mean_std_note=None, preprocessing=None):
+def preprocessing_spec(image_size, feature_dim, mean_std_note=None, preprocessing=None,
+                       output_name="features"):
     """The preprocessing contract of an exported encoder, as a JSON-ready dict."""
     preprocessing = preprocessing or default_preprocessing(image_size)
     if preprocessing not in PREPROCESSING:
@@ -151,11 +155,11 @@ def preprocessing_spec(image_size, feature_dim, mean_std_note=None, preprocessin
         "signatures": {
             "serving_default": {
                 "input": "images: uint8 (b, h, w, 3), RGB, any h and w",
-                "output": "features: float32 (b, C)",
+                "output": f"{output_name}: float32 (b, C)",
             },
             "preprocessed": {
                 "input": f"images: float32 (b, {image_size}, {image_size}, 3), RGB in [0, 1]",
-                "output": "features: float32 (b, C)",
+                "output": f"{output_name}: float32 (b, C)",
             },
         },
         "value_range": "serving_default: uint8 [0, 255], divided by 255 after resizing; "
@@ -175,8 +179,10 @@ def preprocessing_spec(image_size, feature_dim, mean_std_note=None, preprocessin
 class _EncoderModule(tf.Module):
     """Holds the backbone (its variables once) and the serving functions."""
 
-    def __init__(self, backbone, image_size, asset_file, preprocessing="squash"):
+    def __init__(self, backbone, image_size, asset_file, preprocessing="squash",
+                 output_name="features"):
         super().__init__(name="wcl_encoder")
+        self.output_name = output_name
         self.backbone = backbone
         self.image_size = int(image_size)
         self.preprocessing_mode = preprocessing
@@ -219,12 +225,12 @@ class _EncoderModule(tf.Module):
         @tf.function(input_signature=[
             tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
         def serving_default(images):
-            return {"features": self._serve(images)}
+            return {self.output_name: self._serve(images)}
 
         @tf.function(input_signature=[
             tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
         def preprocessed(images):
-            return {"features": self._encode(images)}
+            return {self.output_name: self._encode(images)}
 
         return {"serving_default": serving_default, "preprocessed": preprocessed}
 
@@ -251,16 +257,20 @@ def export_encoder(model, path, image_size, mean_std_note=None, preprocessing=No
     if image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}.")
     backbone = _backbone_of(model)
+    # A classifier (backbone + Dense) answers "logits"; an encoder "features".
+    output_name = "logits" if backbone.name == CLASSIFIER_NAME else "features"
     if not backbone.built:
         backbone(tf.zeros([1, image_size, image_size, 3]))
     feature_dim = int(backbone.output_shape[-1])
-    spec = preprocessing_spec(image_size, feature_dim, mean_std_note, preprocessing)
+    spec = preprocessing_spec(image_size, feature_dim, mean_std_note, preprocessing,
+                              output_name)
 
     with tempfile.TemporaryDirectory() as tmp:
         asset_file = os.path.join(tmp, PREPROCESSING_ASSET)
         with open(asset_file, "w") as f:
             json.dump(spec, f, indent=2, sort_keys=True)
-        module = _EncoderModule(backbone, image_size, asset_file, spec["preprocessing"])
+        module = _EncoderModule(backbone, image_size, asset_file, spec["preprocessing"],
+                                output_name)
         tf.saved_model.save(module, path, signatures=module.signature_functions())
 
     spec = dict(spec)

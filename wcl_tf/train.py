@@ -47,6 +47,9 @@ _HELP = {
     "head_hidden_dim": "Hidden width H of both projection heads.",
     "head_output_dim": "Output size D of both projection heads.",
     "sync_bn": "Synchronized BatchNorm across replicas (default: on with >1 replica).",
+    "init_from": "Start from the backbone and heads of this run folder's final.keras (or "
+                 "a .keras file), e.g. an import of the authors' checkpoint "
+                 "(wcl_tf.tools.import_torch); fresh optimizer and schedule.",
     "temperature": "Temperature tau of both losses.",
     "graph_loss_weight": "lambda, weight of the weak-label graph loss (0 = SimCLR).",
     "gather_grad": "Instance loss, other replicas' keys: local (default, the authors' "

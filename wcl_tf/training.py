@@ -69,6 +69,7 @@ from wcl_tf import optimizers
 from wcl_tf import run_folder
 from wcl_tf import seeding
 from wcl_tf import strategy as strategy_lib
+from wcl_tf import warm_start
 from wcl_tf import config as config_lib
 from wcl_tf.config import ConfigError
 from wcl_tf.data import augment, augment_layers, folder, pipeline, sources
@@ -522,6 +523,8 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
                 f"the data pipeline starts at step {initial_step}")
         if writes:  # Older mid-epoch checkpoints are superseded (a kill before cleanup).
             run_folder.remove_mid_epoch_checkpoints(cfg.model_dir, initial_step)
+    elif cfg.init_from:  # A new run from another run's weights (wcl_tf/warm_start.py).
+        log(warm_start.initialise(model, cfg.init_from, strategy))
 
     def dataset_from(step):
         # tf.data ops take TensorFlow's global seed with their own: make it cfg.seed's.

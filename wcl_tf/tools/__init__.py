@@ -8,6 +8,7 @@
     python -m wcl_tf.tools.show_views --out=views.png              # wcl-show-views
     python -m wcl_tf.tools.raw_pixel_knn --data_dir=DIR            # wcl-raw-pixel-knn
     python -m wcl_tf.tools.reproduce_cifar --data_dir=DIR          # wcl-reproduce-cifar
+    python -m wcl_tf.tools.import_torch --checkpoint=wcl-200.pth --model_dir=runs/wcl200  # wcl-import-torch
 
 In a source checkout, `python tools/NAME.py` runs the same code. Each tool defines its
 flags when its module is imported: import one tool per process.
