@@ -81,12 +81,12 @@ def _nearest_neighbours(sim, finite):
     """First argmax of each row of U = (M + M^T) / 2, M = sim - 3 I (the self mask: the
     additive form is TPU-friendly), without forming U.
 
-    With a_i, r1_i the largest entry of M's row i (any of them if tied), r2_i the largest
-    at another column and c_i the largest of M's column i: for every j != a_i,
+    With a_i, r1_i the column and value of the largest entry of M's row i (any of them if
+    tied), r2_i the largest at another column and c_i the largest of M's column i: for every j != a_i,
     U[i, j] = fl(fl(M[i, j] + M[j, i]) / 2) <= fl(fl(r2_i + c_i) / 2) = hi_i, because rounded
     addition and halving are monotonic. So where hi_i < lo_i = U[i, a_i] (one gather),
     a_i is row i's only maximum of U: the answer, taken on U's bit-symmetric values. That
-    needs one top-2 and one column-max pass over M instead of a transposed copy. Rows the
+    needs three fused passes over M (argmax, runner-up, column max), no transposed copy. Rows the
     bound leaves open (near or exact ties) get their U row computed exactly, up to
     _UNDECIDED_ROW_BUDGET of them; more, or a non-finite `sim` (for which the bound proves
     nothing), and the whole U is formed. Every branch returns what
@@ -95,9 +95,13 @@ def _nearest_neighbours(sim, finite):
     """
     n = tf.shape(sim)[0]
     masked = sim - 3.0 * tf.eye(n, dtype=sim.dtype)
-    top = tf.math.top_k(masked, 2)
-    a, r1, r2 = top.indices[:, 0], top.values[:, 0], top.values[:, 1]
+    # Any maximum will do for a (the bound below settles only unique ones); tf.math.top_k
+    # would give r2 in the same pass but is a full sort under XLA on a CPU (25x slower).
+    a = tf.argmax(masked, axis=1, output_type=tf.int32)
     rows = tf.range(n, dtype=tf.int32)
+    r1 = tf.gather(masked, a, axis=1, batch_dims=1)
+    r2 = tf.reduce_max(tf.where(rows[tf.newaxis, :] == a[:, tf.newaxis], -math.inf, masked),
+                       axis=1)
     lo = 0.5 * (r1 + tf.gather_nd(masked, tf.stack([a, rows], axis=1)))  # U[i, a_i]
     hi = 0.5 * (r2 + tf.reduce_max(masked, axis=0))
     undecided = tf.logical_not(hi < lo)

@@ -68,7 +68,11 @@ flags.DEFINE_string("stand_in_dataset", "cifar10", "ratio: dataset timed (at the
                     "cannot be loaded.")
 flags.DEFINE_integer("max_step_batch", 128, "ratio: time the step and pipeline at "
                      "min(global batch, this) images.")
-flags.DEFINE_integer("threads", 0, "photometric: TensorFlow threads (0: all).")
+flags.DEFINE_integer("threads", 0, "photometric, pipeline: TensorFlow threads (0: all); "
+                     "pipeline: also tf.data's private thread pool, and its per-core rate is "
+                     "divided by this instead of the cores the process may use. For one "
+                     "core strictly, pin the process too: taskset -c 1 python -m ...",
+                     lower_bound=0)
 flags.DEFINE_integer("warmup", 2, "Untimed steps first.")
 flags.DEFINE_integer("repeats", 5, "Timed steps.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
@@ -478,9 +482,7 @@ def bench_photometric():
 
     from wcl_tf.data import augment
 
-    if FLAGS.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
+    _limit_threads()
     cfg = train_config()
     size, batch = cfg.image_size, _batch_size(cfg)
     crops = tf.constant(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3)),
@@ -499,6 +501,15 @@ def bench_photometric():
               f"{FLAGS.threads or 'all'} thread(s)) | ms per view |\n|---|---|")
     return rows, "\n".join([header] + [f"| {r['form']} | {r['ms_per_view']:.2f} |"
                                          for r in rows])
+
+
+def _limit_threads():
+    """--threads TensorFlow intra- and inter-op threads (before any op runs)."""
+    import tensorflow as tf
+
+    if FLAGS.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
 
 
 def _cores():
@@ -534,6 +545,7 @@ def bench_pipeline():
     from wcl_tf import training
     from wcl_tf.data import pipeline, sources
 
+    _limit_threads()
     cfg = train_config().validate()
     batch = _batch_size(cfg)
     # Strong augmentation (the costlier recipe) from the first batch.
@@ -547,20 +559,30 @@ def bench_pipeline():
               .map(_keras_cv_two_views(cfg.image_size, cfg.blur),
                    num_parallel_calls=tf.data.AUTOTUNE)
               .prefetch(tf.data.AUTOTUNE))
+    if FLAGS.threads:
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = FLAGS.threads
+        options.threading.max_intra_op_parallelism = 1
+        ds = ds.with_options(options)
     rate = _images_per_s(iter(ds), batch, 10, 3 + FLAGS.warmup)
+    cores = min(FLAGS.threads, _cores()) if FLAGS.threads else _cores()
     row = {"augment": FLAGS.augment, "dataset": cfg.dataset, "image_size": cfg.image_size,
            "blur": cfg.blur, "local_crops": cfg.num_local_crops,
            "local_crop_size": cfg.local_crop_size, "batch": batch,
-           "images_per_s": round(rate, 1), "images_per_s_per_core": round(rate / _cores(), 1),
-           "augment_on": training.augment_side(cfg)}
+           "images_per_s": round(rate, 1), "images_per_s_per_core": round(rate / cores, 1),
+           "threads": FLAGS.threads or None, "cores": cores, "augment_on": training.augment_side(cfg)}
+    # What the host does: everything (host), or decode and crops for the device's recipe.
+    side = ("host: all of it" if row["augment_on"] == "host" or FLAGS.augment != "project"
+            else "device (host side: decode + crops)")
     print(f"  {row}", flush=True)
     header = ("| augmentation | on | px | blur | local crops | images/s (each with all its "
-              "views) | per core |\n|---|---|---|---|---|---|---|")
-    line = (f"| {row['augment']} | {row['augment_on']} (host side) | {row['image_size']} | "
+              "views) | threads / cores | per core |\n|---|---|---|---|---|---|---|---|")
+    line = (f"| {row['augment']} | {side} | {row['image_size']} | "
             f"{'yes' if row['blur'] else 'no'} | "
             f"{row['local_crops']}"
             f"{'x' + str(row['local_crop_size']) if row['local_crops'] else ''} | "
-            f"{row['images_per_s']:.0f} | {row['images_per_s_per_core']:.0f} |")
+            f"{row['images_per_s']:.0f} | {row['threads'] or 'all'} / {cores} | "
+            f"{row['images_per_s_per_core']:.0f} |")
     return [row], header + "\n" + line
 
 
