@@ -128,6 +128,7 @@ def test_photometric_benchmark_times_both_forms(tmp_path):
     assert all(r["ms_per_view"] > 0 and r["blur"] for r in result["rows"])
 
 
+@pytest.mark.slow
 def test_pipeline_per_core_rate_with_threads_and_the_host_only_label(tmp_path):
     """--threads=1: tf.data's pool and TensorFlow's threads are one, the per-core rate is
     the rate itself (not divided by every core of the machine); with --augment_on=host the
