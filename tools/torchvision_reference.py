@@ -12,8 +12,8 @@ views of the SimCLR recipe of the paper (crop scale (0.08, 1), jitter 0.8/0.8/0.
 p=0.8, grayscale p=0.2, PIL Gaussian blur with sigma in (0.1, 2) at p=0.5 as MoCo v2's
 loader does, flip, ToTensor) are made, with one PyTorch thread. Prints images/s (each
 image with both views) per round, by the clock and per second of the process's CPU time
-(which other processes on a busy machine do not dilute); --profile prints the milliseconds per image of each
-step instead (CPU time: decode, then each transform, both views).
+(which other processes on a busy machine do not dilute); --profile prints the CPU
+milliseconds per image of each step instead (decode, then each transform, both views).
 """
 
 import argparse

@@ -73,7 +73,10 @@ def nearest_neighbours_symmetrised(sim):
     matrix: (S + S^T) / 2 with the diagonal masked, then each row's first maximum. Its
     fallback, and the reference it is tested (and benchmarked) against."""
     sim = tf.cast(sim, tf.float32)
-    masked = sim - 3.0 * tf.eye(tf.shape(sim)[0], dtype=sim.dtype)
+    return _symmetrised_first_argmax(sim - 3.0 * tf.eye(tf.shape(sim)[0], dtype=sim.dtype))
+
+
+def _symmetrised_first_argmax(masked):
     return _first_argmax(0.5 * (masked + tf.transpose(masked)))
 
 
@@ -82,12 +85,13 @@ def _nearest_neighbours(sim, finite):
     additive form is TPU-friendly), without forming U.
 
     With a_i, r1_i the column and value of the largest entry of M's row i (any of them if
-    tied), r2_i the largest at another column and c_i the largest of M's column i: for every j != a_i,
-    U[i, j] = fl(fl(M[i, j] + M[j, i]) / 2) <= fl(fl(r2_i + c_i) / 2) = hi_i, because rounded
-    addition and halving are monotonic. So where hi_i < lo_i = U[i, a_i] (one gather),
-    a_i is row i's only maximum of U: the answer, taken on U's bit-symmetric values. That
-    needs three fused passes over M (argmax, runner-up, column max), no transposed copy. Rows the
-    bound leaves open (near or exact ties) get their U row computed exactly, up to
+    tied), r2_i the largest at another column and c_i the largest of M's column i: for
+    every j != a_i, U[i, j] = fl(fl(M[i, j] + M[j, i]) / 2) <= fl(fl(r2_i + c_i) / 2) = hi_i,
+    because rounded addition and halving are monotonic. So where hi_i < lo_i = U[i, a_i]
+    (one gather), a_i is row i's only maximum of U: the answer, taken on U's bit-symmetric
+    values. That needs three fused passes over M (argmax, runner-up, column max), no
+    transposed copy. Rows the bound leaves open (near or exact ties) get their U row
+    computed exactly, up to
     _UNDECIDED_ROW_BUDGET of them; more, or a non-finite `sim` (for which the bound proves
     nothing), and the whole U is formed. Every branch returns what
     nearest_neighbours_symmetrised returns (for |sim| < 2^127: U's diagonal then equals
@@ -114,13 +118,14 @@ def _nearest_neighbours(sim, finite):
         # The undecided rows first (top_k keeps the lower index first among equals); the
         # rest of the budget recomputes decided rows, which gives the same answer.
         picked = tf.math.top_k(tf.cast(undecided, tf.int32), budget).indices
-        u = 0.5 * (tf.gather(masked, picked) + tf.transpose(tf.gather(masked, picked, axis=1)))
+        u = 0.5 * (tf.gather(masked, picked)
+                   + tf.transpose(tf.gather(masked, picked, axis=1)))
         return tf.tensor_scatter_nd_update(a, picked[:, tf.newaxis], _first_argmax(u))
 
     return tf.cond(
         tf.logical_and(finite, count <= budget),
         lambda: tf.cond(count > 0, resolve_rows, lambda: a),
-        lambda: _first_argmax(0.5 * (masked + tf.transpose(masked))))
+        lambda: _symmetrised_first_argmax(masked))
 
 
 def components_of_functional_graph(nn):

@@ -576,7 +576,8 @@ def bench_pipeline():
            "local_crop_size": cfg.local_crop_size, "batch": batch,
            "images_per_s": round(rate, 1), "images_per_s_per_core": round(rate / cores, 1),
            "threads": FLAGS.threads or None, "cores": cores,
-           "images_per_cpu_s": round(statistics.median(cpu_rates), 1), "augment_on": training.augment_side(cfg)}
+           "images_per_cpu_s": round(statistics.median(cpu_rates), 1),
+           "augment_on": training.augment_side(cfg)}
     # What the host does: everything (host), or decode and crops for the device's recipe.
     side = ("host: all of it" if row["augment_on"] == "host" or FLAGS.augment != "project"
             else "device (host side: decode + crops)")
