@@ -126,3 +126,18 @@ def test_photometric_benchmark_times_both_forms(tmp_path):
     forms = [r["form"] for r in result["rows"]]
     assert forms == ["host (drawn images only)", "static shapes"]
     assert all(r["ms_per_view"] > 0 and r["blur"] for r in result["rows"])
+
+
+@pytest.mark.slow
+def test_pipeline_per_core_rate_with_threads_and_the_host_only_label(tmp_path):
+    """--threads=1: tf.data's pool and TensorFlow's threads are one, the per-core rate is
+    the rate itself (not divided by every core of the machine); with --augment_on=host the
+    table says the host does all of the augmentation (it read "host (host side)")."""
+    result, stdout = _run(tmp_path, "pipeline", "--config=demo", "--batch_size=8",
+                          "--image_size=16", "--max_train_examples=64", "--augment_on=host",
+                          "--threads=1")
+    (row,) = result["rows"]
+    assert row["threads"] == 1 and row["cores"] == 1 and row["augment_on"] == "host"
+    assert row["images_per_s_per_core"] == row["images_per_s"] > 0
+    assert "| host: all of it |" in stdout and "host (host side)" not in stdout
+    assert "| 1 / 1 |" in stdout and row["images_per_cpu_s"] > 0

@@ -99,3 +99,128 @@ def test_symmetrising_changes_nothing_for_symmetric_input(rng):
     sim = np.triu(sim) + np.triu(sim, 1).T  # exactly symmetric
     np.testing.assert_array_equal(wl.nearest_neighbours_from_similarity(tf.constant(sim)),
                                   reference.nearest_neighbours(v))
+
+
+def _whole_matrix_symmetrised(sim):
+    """The previous implementation, verbatim: symmetrise all of S, mask self, first max."""
+    sim = tf.cast(sim, tf.float32)
+    sim = 0.5 * (sim + tf.transpose(sim))
+    n = tf.shape(sim)[0]
+    sim = sim - 3.0 * tf.eye(n, dtype=sim.dtype)
+    best = tf.reduce_max(sim, axis=1, keepdims=True)
+    cols = tf.range(n, dtype=tf.int32)[tf.newaxis, :]
+    return tf.minimum(tf.reduce_min(tf.where(sim >= best, cols, n), axis=1), n - 1)
+
+
+def _adversarial_similarities(rng, n, count):
+    """Similarity matrices as a matmul kernel may return them, and worse: exactly symmetric,
+    off by one ulp between S[i, j] and S[j, i] (in either direction, at the row maxima
+    too), with exact and near ties (duplicate and quantised rows, a row maximum copied to
+    other columns), clustered and collapsed embeddings."""
+    for k in range(count):
+        kind = k % 6
+        if kind == 0:
+            v = rng.normal(size=(n, 8))
+        elif kind == 1:  # duplicates: exact ties
+            v = rng.normal(size=(n, 8))
+            v[rng.integers(0, n, n // 3)] = v[rng.integers(0, n, n // 3)]
+        elif kind == 2:  # quantised: many equal similarities
+            v = rng.integers(-1, 2, size=(n, 3)).astype(np.float64)
+            v[np.all(v == 0, axis=1)] = 1.0
+        elif kind == 3:
+            v = _clustered(rng, n, 8, clusters=3, noise=1e-4)
+        elif kind == 4:  # all but collapsed: every row undecided
+            v = np.ones((n, 4)) + 1e-7 * rng.normal(size=(n, 4))
+        else:
+            v = rng.normal(size=(n, 4))
+        unit = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+        sim = unit @ unit.T
+        if k % 2:
+            sim = np.triu(sim) + np.triu(sim, 1).T  # exactly symmetric
+        # One-ulp asymmetry on a random third of the entries, and on every row maximum.
+        flip = rng.random((n, n)) < 1 / 3
+        off = sim - 3 * np.eye(n, dtype=np.float32)
+        flip[np.arange(n), off.argmax(1)] = True
+        sim = np.where(flip, np.nextafter(sim, np.where(rng.random((n, n)) < 0.5,
+                                                        np.inf, -np.inf).astype(np.float32)),
+                       sim).astype(np.float32)
+        if k % 3 == 0:  # a row's maximum copied to another column: an exact tie in S
+            i, j = rng.integers(0, n, 2)
+            if i != j:
+                sim[i, j] = off[i].max()
+        yield sim
+
+
+@pytest.mark.parametrize("n", [3, 40, pytest.param(2, marks=pytest.mark.slow),
+                               pytest.param(5, marks=pytest.mark.slow),
+                               pytest.param(96, marks=pytest.mark.slow)])
+def test_equals_the_whole_matrix_symmetrisation_on_adversarial_inputs(rng, n, monkeypatch):
+    """Every branch (bound settles the row; undecided rows resolved on their own; whole
+    matrix) returns the previous implementation's 1-NN bit for bit, eager and under XLA
+    with static shapes."""
+    spec = [tf.TensorSpec([n, n], tf.float32)]
+    old = tf.function(_whole_matrix_symmetrised, input_signature=spec)
+    sims = list(_adversarial_similarities(rng, n, 24))
+    undecided_somewhere = False
+    for budget in (wl._UNDECIDED_ROW_BUDGET, 0, n):  # default; whole matrix; rows only
+        monkeypatch.setattr(wl, "_UNDECIDED_ROW_BUDGET", budget)
+        new_xla = tf.function(wl.nearest_neighbours_from_similarity, jit_compile=True,
+                              input_signature=spec)
+        for sim in sims:
+            want = old(sim).numpy()
+            np.testing.assert_array_equal(new_xla(sim).numpy(), want)
+            np.testing.assert_array_equal(wl.nearest_neighbours_from_similarity(sim), want)
+            np.testing.assert_array_equal(wl.nearest_neighbours_symmetrised(sim), want)
+            np.testing.assert_array_equal(
+                wl.components_of_functional_graph(new_xla(sim)).numpy(),
+                wl.components_of_functional_graph(want).numpy())
+            t = 0.5 * (sim + sim.T) - 3 * np.eye(n, dtype=np.float32)
+            undecided_somewhere |= bool(np.any(np.sum(t == t.max(1, keepdims=True), 1) > 1))
+    assert undecided_somewhere or n < 5  # the inputs held exact ties of symmetrised rows
+
+
+def test_last_bit_asymmetry_at_the_row_maximum():
+    # S[0, 1] > S[0, 2] by one ulp but S[1, 0] < S[2, 0] by three: on U, 2 wins row 0
+    # although the raw row maximum is at 1 (the bound must not settle it); row 2 ties on U.
+    x = np.float32(0.75)
+    up = np.nextafter(x, np.float32(1))
+    down3 = x
+    for _ in range(3):
+        down3 = np.nextafter(down3, np.float32(0))
+    sim = np.array([[1, up, x, 0],
+                    [down3, 1, x, 0],
+                    [x, x, 1, 0],
+                    [0, 0, 0, 1]], np.float32)
+    want = _whole_matrix_symmetrised(sim).numpy()
+    np.testing.assert_array_equal(want, [2, 2, 0, 0])
+    np.testing.assert_array_equal(wl.nearest_neighbours_from_similarity(sim), want)
+    xla = tf.function(wl.nearest_neighbours_from_similarity, jit_compile=True)
+    np.testing.assert_array_equal(xla(tf.constant(sim)), want)
+
+
+@pytest.mark.parametrize("n,d", [(512, 16), pytest.param(4096, 128, marks=pytest.mark.slow)])
+def test_weak_labels_equal_the_previous_implementation_on_embeddings(rng, n, d):
+    """weak_labels (XLA) against the whole-matrix symmetrisation of the same matmul, labels
+    bit for bit, on random, clustered and duplicate-holding embeddings."""
+    def previous(v):
+        v = tf.math.l2_normalize(v, axis=1)
+        return wl.components_of_functional_graph(
+            _whole_matrix_symmetrised(tf.matmul(v, v, transpose_b=True)))
+
+    previous = tf.function(previous, jit_compile=True)
+    for v in (rng.normal(size=(n, d)), _clustered(rng, n, d, clusters=7, noise=0.01),
+              np.repeat(rng.normal(size=(n // 2, d)), 2, axis=0)):
+        v = tf.constant(v, tf.float32)
+        np.testing.assert_array_equal(wl.weak_labels(v).numpy(), previous(v).numpy())
+
+
+def test_non_finite_similarities_take_the_whole_matrix_path(rng):
+    sim = rng.normal(size=(6, 6)).astype(np.float32)
+    sim[2, 4] = np.nan
+    sim[1, 3] = np.inf
+    np.testing.assert_array_equal(wl.nearest_neighbours_from_similarity(sim),
+                                  _whole_matrix_symmetrised(sim).numpy())
+    v = rng.normal(size=(6, 3)).astype(np.float32)
+    v[3, 0] = np.nan
+    nn = wl.nearest_neighbours(v).numpy()
+    assert np.all((nn >= 0) & (nn < 6))

@@ -23,6 +23,12 @@ import math
 import tensorflow as tf
 
 
+# Rows whose nearest neighbour the cheap bound below cannot settle are resolved on their
+# exactly symmetrised rows, this many at a time; more of them (many ties, e.g. collapsed
+# embeddings) and the whole matrix is symmetrised.
+_UNDECIDED_ROW_BUDGET = 32
+
+
 def nearest_neighbours(v):
     """Index of each row's most cosine-similar other row, ties to the lowest index.
 
@@ -32,28 +38,94 @@ def nearest_neighbours(v):
       (n,) int32 tensor.
     """
     v = tf.math.l2_normalize(tf.cast(v, tf.float32), axis=1)
-    return nearest_neighbours_from_similarity(tf.matmul(v, v, transpose_b=True))
+    # Finite unit rows give finite similarities (|v_i . v_j| <= 1), which is all the bound in
+    # _nearest_neighbours needs; the rows' check costs n x d, not n x n.
+    return _nearest_neighbours(tf.matmul(v, v, transpose_b=True),
+                               tf.reduce_all(tf.math.is_finite(v)))
 
 
 def nearest_neighbours_from_similarity(sim):
     """nearest_neighbours given the (n, n) similarity matrix.
 
-    The matrix is symmetrised first, (S + S^T) / 2, which is bit-symmetric (IEEE addition
-    commutes): a GPU/TPU matmul kernel need not return v_i.v_j and v_j.v_i bit for bit,
-    and with near ties such asymmetry can give a 1-NN cycle longer than 2, which breaks
-    the pointer doubling below (module doc). Symmetric input passes through unchanged.
+    Decided on the symmetrised matrix U = (S + S^T) / 2, which is bit-symmetric (IEEE
+    addition commutes): a GPU/TPU matmul kernel need not return v_i.v_j and v_j.v_i bit for
+    bit, and with near ties such asymmetry can give a 1-NN cycle longer than 2, which breaks
+    the pointer doubling below (module doc). Symmetric input passes through unchanged. U is
+    computed only where the answer depends on it (_nearest_neighbours).
     """
     sim = tf.cast(sim, tf.float32)
-    sim = 0.5 * (sim + tf.transpose(sim))
-    n = tf.shape(sim)[0]
-    # Exclude self with an additive mask (no boolean selection: TPU-friendly).
-    sim = sim - 3.0 * tf.eye(n, dtype=sim.dtype)
-    best = tf.reduce_max(sim, axis=1, keepdims=True)
+    return _nearest_neighbours(sim, tf.reduce_all(tf.math.is_finite(sim)))
+
+
+def _first_argmax(u):
+    """Lowest column index of each row's maximum of u (b, n), int32. tf.argmax does not
+    promise a tie-break. A row with NaNs matches nothing (n); clamping keeps every index
+    valid so that such a step still runs to its non-finite loss, which the train step then
+    discards."""
+    n = tf.shape(u)[1]
+    best = tf.reduce_max(u, axis=1, keepdims=True)
     cols = tf.range(n, dtype=tf.int32)[tf.newaxis, :]
-    # Lowest index among the maxima: tf.argmax does not promise a tie-break. A row
-    # with NaNs matches nothing (n); clamping keeps every index valid so that such a
-    # step still runs to its non-finite loss, which the train step then discards.
-    return tf.minimum(tf.reduce_min(tf.where(sim >= best, cols, n), axis=1), n - 1)
+    return tf.minimum(tf.reduce_min(tf.where(u >= best, cols, n), axis=1), n - 1)
+
+
+def nearest_neighbours_symmetrised(sim):
+    """The same answer as nearest_neighbours_from_similarity, by symmetrising the whole
+    matrix: (S + S^T) / 2 with the diagonal masked, then each row's first maximum. Its
+    fallback, and the reference it is tested (and benchmarked) against."""
+    sim = tf.cast(sim, tf.float32)
+    return _symmetrised_first_argmax(sim - 3.0 * tf.eye(tf.shape(sim)[0], dtype=sim.dtype))
+
+
+def _symmetrised_first_argmax(masked):
+    return _first_argmax(0.5 * (masked + tf.transpose(masked)))
+
+
+def _nearest_neighbours(sim, finite):
+    """First argmax of each row of U = (M + M^T) / 2, M = sim - 3 I (the self mask: the
+    additive form is TPU-friendly), without forming U.
+
+    With a_i, r1_i the column and value of the largest entry of M's row i (any of them if
+    tied), r2_i the largest at another column and c_i the largest of M's column i: for
+    every j != a_i, U[i, j] = fl(fl(M[i, j] + M[j, i]) / 2) <= fl(fl(r2_i + c_i) / 2) = hi_i,
+    because rounded addition and halving are monotonic. So where hi_i < lo_i = U[i, a_i]
+    (one gather), a_i is row i's only maximum of U: the answer, taken on U's bit-symmetric
+    values. That needs three fused passes over M (argmax, runner-up, column max), no
+    transposed copy. Rows the bound leaves open (near or exact ties) get their U row
+    computed exactly, up to
+    _UNDECIDED_ROW_BUDGET of them; more, or a non-finite `sim` (for which the bound proves
+    nothing), and the whole U is formed. Every branch returns what
+    nearest_neighbours_symmetrised returns (for |sim| < 2^127: U's diagonal then equals
+    M's).
+    """
+    n = tf.shape(sim)[0]
+    masked = sim - 3.0 * tf.eye(n, dtype=sim.dtype)
+    # Any maximum will do for a (the bound below settles only unique ones); tf.math.top_k
+    # would give r2 in the same pass but is a full sort under XLA on a CPU (25x slower).
+    a = tf.argmax(masked, axis=1, output_type=tf.int32)
+    rows = tf.range(n, dtype=tf.int32)
+    r1 = tf.gather(masked, a, axis=1, batch_dims=1)
+    r2 = tf.reduce_max(tf.where(rows[tf.newaxis, :] == a[:, tf.newaxis], -math.inf, masked),
+                       axis=1)
+    lo = 0.5 * (r1 + tf.gather_nd(masked, tf.stack([a, rows], axis=1)))  # U[i, a_i]
+    hi = 0.5 * (r2 + tf.reduce_max(masked, axis=0))
+    undecided = tf.logical_not(hi < lo)
+    count = tf.reduce_sum(tf.cast(undecided, tf.int32))
+    budget = min(_UNDECIDED_ROW_BUDGET, sim.shape[0] or _UNDECIDED_ROW_BUDGET)
+    if sim.shape[0] is None:
+        budget = tf.minimum(budget, n)
+
+    def resolve_rows():
+        # The undecided rows first (top_k keeps the lower index first among equals); the
+        # rest of the budget recomputes decided rows, which gives the same answer.
+        picked = tf.math.top_k(tf.cast(undecided, tf.int32), budget).indices
+        u = 0.5 * (tf.gather(masked, picked)
+                   + tf.transpose(tf.gather(masked, picked, axis=1)))
+        return tf.tensor_scatter_nd_update(a, picked[:, tf.newaxis], _first_argmax(u))
+
+    return tf.cond(
+        tf.logical_and(finite, count <= budget),
+        lambda: tf.cond(count > 0, resolve_rows, lambda: a),
+        lambda: _symmetrised_first_argmax(masked))
 
 
 def components_of_functional_graph(nn):

@@ -68,7 +68,11 @@ flags.DEFINE_string("stand_in_dataset", "cifar10", "ratio: dataset timed (at the
                     "cannot be loaded.")
 flags.DEFINE_integer("max_step_batch", 128, "ratio: time the step and pipeline at "
                      "min(global batch, this) images.")
-flags.DEFINE_integer("threads", 0, "photometric: TensorFlow threads (0: all).")
+flags.DEFINE_integer("threads", 0, "photometric, pipeline: TensorFlow threads (0: all); "
+                     "pipeline: also tf.data's private thread pool, and its per-core rate is "
+                     "divided by this instead of the cores the process may use. For one "
+                     "core strictly, pin the process too: taskset -c 1 python -m ...",
+                     lower_bound=0)
 flags.DEFINE_integer("warmup", 2, "Untimed steps first.")
 flags.DEFINE_integer("repeats", 5, "Timed steps.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
@@ -300,7 +304,26 @@ def bench_profile():
     return [rows], "\n".join(lines)
 
 
+def _interleaved(fns, warmup, repeats):
+    """{name: median seconds} of each of fns (name -> callable), timed in turns (one call
+    of each per round, --repeats rounds after `warmup` untimed ones) so that a load change
+    on a shared machine hits them all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def bench_weak_labels():
+    """weak_labels in the graph against its parts and the host paths, timed in turns in one
+    process: the similarity matmul alone (the floor), the whole-matrix symmetrisation the
+    in-graph path avoids (its fallback), the in-graph path, and the authors' host path."""
     import numpy as np
     import tensorflow as tf
     from scipy.sparse import coo_matrix
@@ -308,16 +331,22 @@ def bench_weak_labels():
 
     from wcl_tf import weak_labels
 
+    def similarity(v):
+        return tf.matmul(v, v, transpose_b=True)
+
+    def symmetrised(v):
+        return weak_labels.components_of_functional_graph(
+            weak_labels.nearest_neighbours_symmetrised(similarity(v)))
+
     rows = []
     for n in map(int, FLAGS.sizes):
         rng = np.random.default_rng(0)
         v = tf.math.l2_normalize(tf.constant(rng.normal(size=(n, FLAGS.dim)), tf.float32), 1)
         in_graph = tf.function(weak_labels.weak_labels)  # XLA-compiled inside
-        # XLA too, so that the host paths below get the fastest 1-NN there is.
+        # XLA too, so that the other paths get the fastest kernels there are.
+        matmul_only = tf.function(similarity, jit_compile=True)
+        symmetrised_path = tf.function(symmetrised, jit_compile=True)
         nn_only = tf.function(weak_labels.nearest_neighbours, jit_compile=True)
-
-        def tf_path():
-            in_graph(v).numpy()
 
         def host_components():
             nn = nn_only(v).numpy()  # 1-NN on the device, then copy and scipy
@@ -332,20 +361,27 @@ def bench_weak_labels():
             graph = coo_matrix((np.ones(n), (np.arange(n), nn)), shape=(n, n))
             connected_components(graph, directed=False)
 
-        repeats = max(3, FLAGS.repeats if n <= 4096 else 3)
-        t_tf, _ = _timed(tf_path, 1, repeats)
-        t_nn, _ = _timed(lambda: nn_only(v).numpy(), 1, repeats)
-        t_hc, _ = _timed(host_components, 1, repeats)
-        t_ha, _ = _timed(host_all, 1, repeats)
-        rows.append({"n": n, "tf_weak_labels_ms": round(1e3 * t_tf, 2),
-                     "tf_1nn_only_ms": round(1e3 * t_nn, 2),
-                     "components_share_of_tf_path": round(1 - t_nn / t_tf, 3),
-                     "tf_1nn_then_scipy_ms": round(1e3 * t_hc, 2),
-                     "numpy_scipy_host_ms": round(1e3 * t_ha, 2)})
+        t = _interleaved({"matmul": lambda: matmul_only(v).numpy(),
+                          "symmetrised": lambda: symmetrised_path(v).numpy(),
+                          "in_graph": lambda: in_graph(v).numpy(),
+                          "host_components": host_components, "host_all": host_all},
+                         1, max(3, FLAGS.repeats if n <= 4096 else 3))
+        rows.append({"n": n, "matmul_ms": round(1e3 * t["matmul"], 2),
+                     "tf_weak_labels_ms": round(1e3 * t["in_graph"], 2),
+                     "tf_weak_labels_over_matmul": round(t["in_graph"] / t["matmul"], 2),
+                     "whole_matrix_symmetrised_ms": round(1e3 * t["symmetrised"], 2),
+                     "whole_matrix_symmetrised_over_matmul":
+                         round(t["symmetrised"] / t["matmul"], 2),
+                     "tf_1nn_then_scipy_ms": round(1e3 * t["host_components"], 2),
+                     "numpy_scipy_host_ms": round(1e3 * t["host_all"], 2)})
         print(f"  {rows[-1]}", flush=True)
-    header = ("| n | wcl_tf weak_labels, in graph (ms) | of which 1-NN (ms) | TF 1-NN + copy + "
-              "scipy components (ms) | copy + NumPy 1-NN + scipy (ms) |\n|---|---|---|---|---|")
-    lines = [f"| {r['n']} | {r['tf_weak_labels_ms']:.2f} | {r['tf_1nn_only_ms']:.2f} | "
+    header = ("| n | similarity matmul alone (ms) | wcl_tf weak_labels, in graph (ms) | the same "
+              "with the whole matrix symmetrised (ms) | TF 1-NN + copy + scipy components (ms) "
+              "| copy + NumPy 1-NN + scipy (ms) |\n|---|---|---|---|---|---|")
+    lines = [f"| {r['n']} | {r['matmul_ms']:.2f} | {r['tf_weak_labels_ms']:.2f} "
+             f"({r['tf_weak_labels_over_matmul']:.2f}x) | "
+             f"{r['whole_matrix_symmetrised_ms']:.2f} "
+             f"({r['whole_matrix_symmetrised_over_matmul']:.2f}x) | "
              f"{r['tf_1nn_then_scipy_ms']:.2f} | {r['numpy_scipy_host_ms']:.2f} |" for r in rows]
     return rows, "\n".join([header] + lines)
 
@@ -446,9 +482,7 @@ def bench_photometric():
 
     from wcl_tf.data import augment
 
-    if FLAGS.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
+    _limit_threads()
     cfg = train_config()
     size, batch = cfg.image_size, _batch_size(cfg)
     crops = tf.constant(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3)),
@@ -469,6 +503,15 @@ def bench_photometric():
                                          for r in rows])
 
 
+def _limit_threads():
+    """--threads TensorFlow intra- and inter-op threads (before any op runs)."""
+    import tensorflow as tf
+
+    if FLAGS.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
+
+
 def _cores():
     """CPU cores this process may run on (taskset / cgroup affinity), for per-core rates."""
     try:
@@ -482,17 +525,21 @@ def _pipeline_batches(cfg, batch):
     return max(2, 2048 // batch // (1 if cfg.image_size <= 64 else 8))
 
 
-def _images_per_s(iterator, batch, batches, warmup):
+def _images_per_s(iterator, batch, batches, warmup, cpu_rates=None):
     """Median over --repeats of the images/s of `batches` batches of `batch` images drawn
-    from `iterator`, after `warmup` untimed batches."""
+    from `iterator`, after `warmup` untimed batches. cpu_rates, a list: gets the images per
+    second of this process's CPU time (all its threads) of each repeat, a per-core rate
+    that a busy machine's other processes do not dilute."""
     for _ in range(warmup):
         next(iterator)
     rates = []
     for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(batches):
             next(iterator)
         rates.append(batches * batch / (time.perf_counter() - start))
+        if cpu_rates is not None:
+            cpu_rates.append(batches * batch / (time.process_time() - cpu_start))
     return statistics.median(rates)
 
 
@@ -502,6 +549,7 @@ def bench_pipeline():
     from wcl_tf import training
     from wcl_tf.data import pipeline, sources
 
+    _limit_threads()
     cfg = train_config().validate()
     batch = _batch_size(cfg)
     # Strong augmentation (the costlier recipe) from the first batch.
@@ -515,20 +563,34 @@ def bench_pipeline():
               .map(_keras_cv_two_views(cfg.image_size, cfg.blur),
                    num_parallel_calls=tf.data.AUTOTUNE)
               .prefetch(tf.data.AUTOTUNE))
-    rate = _images_per_s(iter(ds), batch, 10, 3 + FLAGS.warmup)
+    if FLAGS.threads:
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = FLAGS.threads
+        options.threading.max_intra_op_parallelism = 1
+        ds = ds.with_options(options)
+    cpu_rates = []
+    rate = _images_per_s(iter(ds), batch, 10, 3 + FLAGS.warmup, cpu_rates)
+    cores = min(FLAGS.threads, _cores()) if FLAGS.threads else _cores()
     row = {"augment": FLAGS.augment, "dataset": cfg.dataset, "image_size": cfg.image_size,
            "blur": cfg.blur, "local_crops": cfg.num_local_crops,
            "local_crop_size": cfg.local_crop_size, "batch": batch,
-           "images_per_s": round(rate, 1), "images_per_s_per_core": round(rate / _cores(), 1),
+           "images_per_s": round(rate, 1), "images_per_s_per_core": round(rate / cores, 1),
+           "threads": FLAGS.threads or None, "cores": cores,
+           "images_per_cpu_s": round(statistics.median(cpu_rates), 1),
            "augment_on": training.augment_side(cfg)}
+    # What the host does: everything (host), or decode and crops for the device's recipe.
+    side = ("host: all of it" if row["augment_on"] == "host" or FLAGS.augment != "project"
+            else "device (host side: decode + crops)")
     print(f"  {row}", flush=True)
     header = ("| augmentation | on | px | blur | local crops | images/s (each with all its "
-              "views) | per core |\n|---|---|---|---|---|---|---|")
-    line = (f"| {row['augment']} | {row['augment_on']} (host side) | {row['image_size']} | "
+              "views) | threads / cores | per core | per CPU second |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+    line = (f"| {row['augment']} | {side} | {row['image_size']} | "
             f"{'yes' if row['blur'] else 'no'} | "
             f"{row['local_crops']}"
             f"{'x' + str(row['local_crop_size']) if row['local_crops'] else ''} | "
-            f"{row['images_per_s']:.0f} | {row['images_per_s_per_core']:.0f} |")
+            f"{row['images_per_s']:.0f} | {row['threads'] or 'all'} / {cores} | "
+            f"{row['images_per_s_per_core']:.0f} | {row['images_per_cpu_s']:.0f} |")
     return [row], header + "\n" + line
 
 
