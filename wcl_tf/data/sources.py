@@ -130,13 +130,16 @@ def _load_tfds(dataset, split, data_dir, download, max_examples, seed, shuffle_f
             dataset, split, data_dir, download, max_examples, input_context, encoded_jpeg)
         order = tf.constant([seed, _FILE_ORDER_STREAM], tf.int64) if shuffle_files else None
         return read(order), num_examples, num_classes
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
     builder, known = _prepared_builder(dataset, split, data_dir, download)
     simple = split in known
     if max_examples > 0 and simple:
         split = f"{split}[:{max_examples}]"
     try:
         num_examples = builder.info.splits[split].num_examples
-        ds = builder.as_dataset(split=split, as_supervised=True, read_config=_read_config())
+        ds = builder.as_dataset(split=split, as_supervised=True,
+                                read_config=tfds.ReadConfig(try_autocache=False))
     except (ValueError, KeyError, AssertionError) as err:
         raise DataError(f"cannot read split {split!r} of {dataset!r}: {err}") from err
     if max_examples > 0 and not simple:
@@ -144,12 +147,6 @@ def _load_tfds(dataset, split, data_dir, download, max_examples, seed, shuffle_f
         num_examples = min(num_examples, max_examples)
     num_classes = builder.info.features["label"].num_classes
     return ds.map(_to_rgb, num_parallel_calls=tf.data.AUTOTUNE), num_examples, num_classes
-
-
-def _read_config():
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-
-    return tfds.ReadConfig(try_autocache=False)
 
 
 def _pipeline_files(builder, split, simple, max_examples, input_context):
@@ -193,11 +190,12 @@ def tfds_stream(dataset, split, data_dir=None, download=False, max_examples=0,
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
     builder, known = _prepared_builder(dataset, split, data_dir, download)
-    if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+    # TFDS's reader of the record files (TFRecord: TFRecordDataset with its 8 MiB buffer).
+    adapter = tfds.core.file_adapters.ADAPTER_FOR_FORMAT[builder.info.file_format]
+    if not adapter.SUPPORTS_TF_DATA:
         raise DataError(
-            f"dataset {dataset!r} is stored as {builder.info.file_format.value} files; "
-            f"streamed reading needs TFRecord files: prepare it with the default "
-            f"file_format (tfrecord).")
+            f"dataset {dataset!r} is stored as {builder.info.file_format.value} files, which "
+            f"tf.data cannot stream: prepare it with the default file_format (tfrecord).")
     simple = split in known
     if max_examples > 0 and simple:
         split = f"{split}[:{max_examples}]"
@@ -230,7 +228,7 @@ def tfds_stream(dataset, split, data_dir=None, download=False, max_examples=0,
         ds = tf.data.Dataset.from_tensor_slices(
             (tf.gather(paths, order), tf.gather(skips, order), tf.gather(takes, order)))
         ds = ds.interleave(
-            lambda path, skip, take: tf.data.TFRecordDataset(path).skip(skip).take(take),
+            lambda path, skip, take: adapter.make_tf_data(path).skip(skip).take(take),
             cycle_length=16, block_length=16, num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True)
         if cut:
