@@ -52,6 +52,15 @@ def _fresh_collective_keys():
     yield
 
 
+@pytest.fixture(scope="session")
+def fake_imagenet(tmp_path_factory):
+    """data_dir of the generated stand-in for imagenet2012 (tests/fake_imagenet.py), built
+    once per session in a temporary folder; the dataset's name is fake_imagenet.NAME."""
+    import fake_imagenet as stand_in  # pylint: disable=import-outside-toplevel
+
+    return stand_in.build(str(tmp_path_factory.mktemp("tfds")))
+
+
 @pytest.fixture
 def two_replica_strategy():
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -100,8 +100,33 @@ def test_unprepared_tfds_dataset_fails_fast(tmp_path):
     assert "download_and_prepare()" in message and "download=True" in message
 
 
+def test_tfds_split_of_the_imagenet_stand_in(fake_imagenet):
+    """A prepared TFDS dataset of variable-size JPEGs (tests/fake_imagenet.py): counts,
+    classes, decoded uint8 images of their own sizes, the unknown-split message, the
+    evaluation arrays (resize + centre crop)."""
+    import fake_imagenet as stand_in  # pylint: disable=import-outside-toplevel
+
+    ds, count, classes = sources.load_split(stand_in.NAME, "validation",
+                                            data_dir=fake_imagenet, max_examples=6)
+    pairs = list(ds.as_numpy_iterator())
+    assert (count, classes, len(pairs)) == (6, stand_in.NUM_CLASSES, 6)
+    shapes = {image.shape for image, _ in pairs}
+    assert len(shapes) > 1 and all(
+        s[2] == 3 and stand_in.MIN_SIDE <= min(s[:2]) and max(s[:2]) <= stand_in.MAX_SIDE
+        for s in shapes)
+    assert all(image.dtype == np.uint8 and label.dtype == np.int64 for image, label in pairs)
+    with pytest.raises(DataError, match="unknown split 'valid'.*'train'"):
+        sources.load_split(stand_in.NAME, "valid", data_dir=fake_imagenet)
+    arrays, labels = sources.load_arrays(stand_in.NAME, "validation", 16,
+                                         data_dir=fake_imagenet, max_examples=3)
+    assert arrays.shape == (3, 16, 16, 3) and 0.0 <= arrays.min() and arrays.max() <= 1.0
+    np.testing.assert_array_equal(labels, [label for _, label in pairs[:3]])
+
+
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_TFDS, "cifar10")),
-                    reason="shared CIFAR-10 (tfds) not present")
+                    reason="needs CIFAR-10 prepared by TFDS itself in the shared TFDS folder: "
+                           "a registered TFDS builder reading its own files (generated data "
+                           "covers the same code: test_tfds_split_of_the_imagenet_stand_in)")
 def test_cifar10_from_shared_tfds():
     ds, count, classes = sources.load_split("cifar10", "test", data_dir=SHARED_TFDS,
                                             max_examples=6)

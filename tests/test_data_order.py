@@ -205,26 +205,75 @@ def test_fit_draws_no_batch_for_the_symbolic_build(two_replica_strategy):
     assert sorted(produced) == sorted(set(produced))  # no element drawn twice
 
 
-def test_streamed_tfds_resumes_exactly_and_reshuffles_each_epoch(monkeypatch):
-    """TFDS data too large for memory (forced here: a limit of 0 bytes) is streamed:
-    per-epoch seeded buffer, resume reads and drops the epoch's earlier images."""
-    from conftest import SHARED_TFDS  # pylint: disable=import-outside-toplevel
+def _stand_in_config(fake_imagenet, **overrides):
+    import fake_imagenet as stand_in  # pylint: disable=import-outside-toplevel
 
-    if not os.path.isdir(os.path.join(SHARED_TFDS, "cifar10")):
-        pytest.skip("no prepared cifar10 in the shared TFDS folder")
-    monkeypatch.setattr(pipeline, "_CACHE_LIMIT_BYTES", 0)
-    cfg = Config(dataset="cifar10", data_dir=SHARED_TFDS, train_split="test",
-                 image_size=32, max_train_examples=96, global_batch_size=16,
-                 weak_aug_epochs=100, seed=5)
-    # Private on purpose: which of the three source kinds serves the split is an internal
-    # choice, and this test is about the streamed kind.
-    assert pipeline._training_source(cfg)[0] == "stream"
+    return Config(**{**dict(dataset=stand_in.NAME, data_dir=fake_imagenet, image_size=16,
+                            global_batch_size=8, weak_aug_epochs=100, seed=5), **overrides})
+
+
+def _stream(cfg, steps_per_epoch, initial_step=0, count=None):
+    """The encoded images the stream gives a single pipeline, batch 8, from initial_step."""
+    # Private on purpose: the order of the streamed images is what these tests are about,
+    # before augmentation and batching could hide it.
+    kind, source, n = pipeline._training_source(cfg)
+    assert kind == "stream"
+    ds = pipeline._stream_order(cfg, source, n, 8, steps_per_epoch, 1, initial_step)
+    return [(int(number), bytes(image)) for number, image in ds.take(count).as_numpy_iterator()]
+
+
+def test_streamed_tfds_reads_its_files_in_a_new_order_and_shuffle_every_epoch(
+        fake_imagenet, monkeypatch):
+    """Every epoch of a TFDS stream reads the files in an order of its own (with a buffer
+    of one image, what a stream sees when the split is far larger than its buffer) and
+    shuffles in a buffer seeded per epoch; each epoch reads every image once."""
+    import fake_imagenet as stand_in  # pylint: disable=import-outside-toplevel
+
+    cfg = _stand_in_config(fake_imagenet)
+    steps = stand_in.TRAIN // 8  # 12 steps of 8: an epoch is the whole split
+    file_of = {}
+    for f, path in enumerate(stand_in.train_files(fake_imagenet)):
+        for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            file_of[tf.train.Example.FromString(raw).features.feature[
+                "image"].bytes_list.value[0]] = f
+
+    monkeypatch.setattr(pipeline, "_SHUFFLE_BUFFER", 1)
+    images = [image for _, image in _stream(cfg, steps, count=3 * stand_in.TRAIN)]
+    epochs = [images[e * stand_in.TRAIN:(e + 1) * stand_in.TRAIN] for e in range(3)]
+    file_orders = []
+    for epoch in epochs:
+        assert sorted(epoch) == sorted(file_of)  # every image once
+        files = [file_of[image] for image in epoch]
+        order = [f for i, f in enumerate(files) if i == 0 or files[i - 1] != f]
+        assert sorted(order) == list(range(stand_in.TRAIN_FILES)), files  # file by file
+        file_orders.append(order)
+    assert len({tuple(order) for order in file_orders}) == 3, file_orders
+
+    monkeypatch.setattr(pipeline, "_SHUFFLE_BUFFER", 16384)
+    images = [image for _, image in _stream(cfg, steps, count=3 * stand_in.TRAIN)]
+    epochs = [images[e * stand_in.TRAIN:(e + 1) * stand_in.TRAIN] for e in range(3)]
+    assert all(sorted(epoch) == sorted(file_of) for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) == 3
+    # Shuffled within the epoch, not only file by file: consecutive images of one file
+    # are the exception.
+    runs = sum(file_of[a] == file_of[b] for a, b in zip(epochs[1], epochs[1][1:]))
+    assert runs < stand_in.TRAIN // 2, runs
+
+
+def test_streamed_tfds_resumes_exactly_mid_epoch(fake_imagenet):
+    """A run resumed at epoch e, step s reads from the stream exactly what the
+    uninterrupted run read from there (file order, shuffle, the images' numbers), and
+    makes the same views from them."""
+    cfg = _stand_in_config(fake_imagenet, max_train_examples=40)
+    steps = 5  # 5 steps of 8 = 40: an epoch is the whole (cut) split
+    whole = _stream(cfg, steps, count=3 * 40)
+    for initial_step in (7, 11):  # epoch 1 step 2, epoch 2 step 1
+        resumed = _stream(cfg, steps, initial_step=initial_step, count=24)
+        assert resumed == whole[8 * initial_step:8 * initial_step + 24]
+
     views = [b["view_1"].numpy() for b in pipeline.make_pretrain_dataset(
-        cfg, 16, steps_per_epoch=5, weak_spec=IDENTITY).take(12)]
+        cfg, 8, steps_per_epoch=steps, weak_spec=IDENTITY).take(10)]
     resumed = [b["view_1"].numpy() for b in pipeline.make_pretrain_dataset(
-        cfg, 16, steps_per_epoch=5, weak_spec=IDENTITY, initial_step=7).take(3)]
+        cfg, 8, steps_per_epoch=steps, weak_spec=IDENTITY, initial_step=7).take(3)]
     for k in range(3):
         np.testing.assert_array_equal(resumed[k], views[7 + k])
-    keys = [{min(v.tobytes(), v[:, ::-1].tobytes()) for v in np.concatenate(views[e:e + 5])}
-            for e in (0, 5)]
-    assert len(keys[0]) == 80 and keys[0] != keys[1]

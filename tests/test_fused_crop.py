@@ -82,7 +82,8 @@ def _compare(contents, seed, size, scale):
 def test_real_jpeg_same_windows_and_crops(size, scale):
     paths = _photo_paths()
     if not paths:
-        pytest.skip(f"no shared photos in {PHOTOS}")
+        pytest.skip(f"needs real photos in {PHOTOS}: camera JPEGs' encodings "
+                    "(test_generated_jpeg_same_windows_and_crops covers generated ones)")
     for i, path in enumerate(paths[::47]):  # a few sizes and orientations
         contents = tf.io.read_file(path)
         seed = tf.constant([i, 11], tf.int64)
@@ -184,3 +185,36 @@ def test_pipeline_on_png_folder_is_unchanged(tmp_path, monkeypatch):
     for a, b in zip(fused, _views(cfg, 2)):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_r50_shaped_input_on_two_replicas(fake_imagenet, two_replica_strategy, monkeypatch):
+    """The r50 multi-crop input as on ImageNet: variable-size JPEGs streamed from the
+    stand-in's TFDS files, decoded crop by crop (crops_of_encoded on the undecoded bytes),
+    2 global views of 224 px and 6 local crops of 96 px per image, uint8 for the device
+    augmentation, two replicas fed different images."""
+    import fake_imagenet as stand_in  # pylint: disable=import-outside-toplevel
+
+    encoded = []
+    original = augment.crops_of_encoded
+
+    def spy(contents, *args, **kwargs):
+        encoded.append(contents.dtype)
+        return original(contents, *args, **kwargs)
+
+    monkeypatch.setattr(augment, "crops_of_encoded", spy)
+    cfg = Config(dataset=stand_in.NAME, data_dir=fake_imagenet, image_size=224,
+                 num_local_crops=6, local_crop_size=96, local_crop_scale=(0.05, 0.14),
+                 global_crop_scale=(0.14, 1.0), knn_crops=4, global_batch_size=4,
+                 augment_on="device", blur=True, seed=1).validate()
+    assert pipeline._training_source(cfg)[0] == "stream"
+    dist, steps = pipeline.distribute_pretrain_dataset(two_replica_strategy, cfg)
+    assert steps == stand_in.TRAIN // 4
+    batch = next(iter(dist))
+    assert encoded and set(encoded) == {tf.string}  # the fused decode-and-crop path
+    local = two_replica_strategy.experimental_local_results
+    views = [v.numpy() for v in local(batch["view_1"])]
+    crops = [v.numpy() for v in local(batch["local"])]
+    assert [v.shape for v in views] == [(2, 224, 224, 3)] * 2
+    assert [c.shape for c in crops] == [(2, 6, 96, 96, 3)] * 2
+    assert all(v.dtype == np.uint8 for v in views + crops)
+    assert not np.array_equal(views[0], views[1])

@@ -242,3 +242,39 @@ def test_r50_linear_flagfile_drives_the_streamed_tool(bordered_folder, tmp_path)
     assert out["input"] == "stream" and out["mode"] == "full"
     assert (out["num_train"], out["num_test"], out["epochs"], out["lr"]) == (6, 6, 1, 0.1)
     assert len(out["history"]) == 1 and "linear (full) epoch 1/1" in result.stdout
+
+
+def _probe_epochs(fake_imagenet, seed, epochs=3, size=16):
+    """Per epoch: the probe's labels in order, and its images."""
+    import fake_imagenet as stand_in  # pylint: disable=import-outside-toplevel
+
+    ds, n, num_classes, steps = eval_input.train_batches(
+        stand_in.NAME, "train", size, batch_size=32, epochs=epochs, seed=seed,
+        data_dir=fake_imagenet)
+    assert (n, num_classes, steps) == (stand_in.TRAIN, stand_in.NUM_CLASSES, 3)
+    batches = list(ds)
+    assert [len(y) for _, y in batches] == [32] * 3 * epochs
+    labels = [np.concatenate([y.numpy() for _, y in batches[e * 3:e * 3 + 3]])
+              for e in range(epochs)]
+    images = np.concatenate([x.numpy() for x, _ in batches])
+    return labels, images
+
+
+def test_streamed_probe_reads_tfds_in_a_new_order_every_epoch(fake_imagenet, monkeypatch):
+    """The ImageNet path of the linear probe (a TFDS stream of variable-size JPEGs): every
+    epoch its own order, reproducible from the seed; with a one-image buffer (a split far
+    larger than the buffer) the order still changes, from the files' order."""
+    import fake_imagenet as stand_in  # pylint: disable=import-outside-toplevel
+
+    labels, images = _probe_epochs(fake_imagenet, seed=3)
+    per_class = stand_in.TRAIN // stand_in.NUM_CLASSES
+    for epoch in labels:  # every image once per epoch
+        assert np.bincount(epoch).tolist() == [per_class] * stand_in.NUM_CLASSES
+    assert len({epoch.tobytes() for epoch in labels}) == 3
+    labels_again, images_again = _probe_epochs(fake_imagenet, seed=3)
+    np.testing.assert_array_equal(np.stack(labels), np.stack(labels_again))
+    np.testing.assert_array_equal(images, images_again)
+
+    monkeypatch.setattr(eval_input, "_SHUFFLE_BYTES", 1)  # a buffer of one image
+    labels, _ = _probe_epochs(fake_imagenet, seed=3)
+    assert len({epoch.tobytes() for epoch in labels}) == 3

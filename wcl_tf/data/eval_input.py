@@ -20,15 +20,18 @@ Test-time preprocessing (`eval_image`), one image at a time, the authors' `eval_
 Linear-probe training crops (`train_batches`): RandomResizedCrop (scale (0.08, 1),
 torchvision's ratios (3/4, 4/3)) cut from the ORIGINAL decoded image with
 `augment.crops_of_image`, and a horizontal flip, each drawn per image from stateless seeds
-(seed, epoch * N + position), so a run is reproducible; folders are reshuffled per epoch at
-the level of file names (nothing decoded is held), other sources through a bounded shuffle
-buffer of crops.
+(seed, epoch * N + position), so a run is reproducible. Every epoch has its own order, drawn
+from (seed, epoch): folders are permuted whole at the level of file names (nothing decoded
+is held); TFDS data reads its files in a permutation of the epoch's own
+(sources.tfds_stream) and shuffles the crops in a bounded buffer seeded per epoch; the
+embedded MNIST digits (in memory) through that per-epoch buffer alone.
 """
 
 import math
 
 import tensorflow as tf
 
+from wcl_tf import seeding
 from wcl_tf.data import augment, folder, sources
 
 EVAL_RESIZE_RATIO = 256.0 / 224.0
@@ -150,18 +153,34 @@ def train_batches(dataset, split, image_size, batch_size, epochs, seed=0, data_d
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             return ds.ignore_errors().batch(batch_size)
     else:
-        stream, num_examples, num_classes = sources.load_split(
-            dataset, split, data_dir, download, max_examples, seed=seed,
-            on_bad_image=on_bad_image, shuffle_files=True)
+        if dataset == sources.EMBEDDED_MNIST:
+            examples, num_examples, num_classes = sources.load_split(
+                dataset, split, max_examples=max_examples)
+
+            def read(order_seed):
+                del order_seed  # In memory, in its fixed order: the buffer shuffles it all.
+                return examples
+        else:
+            read, num_examples, num_classes = sources.tfds_stream(
+                dataset, split, data_dir, download, max_examples)
         buffer = max(1, min(num_examples, _SHUFFLE_BYTES // (size * size * 3)))
 
         def epoch_ds(epoch):
-            ds = stream.enumerate().map(
+            # Epoch e: files in a permutation drawn from (seed, e), a buffer seeded from it.
+            epoch_seed = tf.stack([tf.constant(seed * 7919 + 0x5EED, tf.int64), epoch])
+            files_seed, shuffle_seed = tf.unstack(
+                tf.random.experimental.stateless_split(epoch_seed, 2))
+            ds = read(files_seed).enumerate().map(
                 lambda i, pair: finish(pair[0], pair[1], epoch * num_examples + i),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            return ds.shuffle(buffer, seed=seed).batch(batch_size)
+            buffer_seed = tf.random.stateless_uniform(
+                [], shuffle_seed, minval=0, maxval=2**31 - 1, dtype=tf.int64)
+            return ds.shuffle(buffer, seed=buffer_seed,
+                              reshuffle_each_iteration=False).batch(batch_size)
 
-    ds = tf.data.Dataset.range(epochs).flat_map(epoch_ds)
+    # Traced without a global seed: the per-epoch tensor seeds alone set the order.
+    with seeding.no_global_tf_seed():
+        ds = tf.data.Dataset.range(epochs).flat_map(epoch_ds)
     ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
     steps_per_epoch = math.ceil(num_examples / batch_size)
     return ds, num_examples, num_classes, steps_per_epoch

@@ -19,10 +19,11 @@ Sources (`_training_source`):
     fixed-size data that fits _CACHE_LIMIT_BYTES (embedded MNIST, CIFAR, TFDS subsets):
                    decoded once into memory (resized to S when S x S is the batched path's
                    input) -> permuted indices -> gather
-    larger TFDS data: only this input pipeline's share read (tfds.ReadConfig input_context:
-                   its own files; tfds.even_splits when the split has fewer files than
-                   pipelines), files in one seeded order (shuffle_files), then per epoch a
-                   _SHUFFLE_BUFFER shuffle seeded from (cfg.seed, e); a mid-epoch resume
+    larger TFDS data: only this input pipeline's share read (sources.tfds_stream: its own
+                   files, as tfds.ReadConfig(input_context=...) shards them; its part of
+                   tfds.even_splits when the split has fewer files than pipelines); epoch e reads the files in a permutation drawn from
+                   (cfg.seed, e) and shuffles them in a _SHUFFLE_BUFFER buffer seeded from
+                   (cfg.seed, e): its own file order and shuffle; a mid-epoch resume
                    reads and drops the epoch's earlier images. Exact resume needs the same
                    number of input pipelines (each one's epoch is its own share's examples).
                    Images stored as JPEG are read undecoded (tfds.decode.SkipDecoding)
@@ -64,7 +65,7 @@ import tensorflow as tf
 from wcl_tf import seeding
 from wcl_tf.data import augment, folder
 from wcl_tf.data.sources import (DataError, load_split, pipeline_examples,
-                                  resize_uint8)
+                                  resize_uint8, tfds_stream)
 
 # Training images of one fixed size are decoded once into memory when they take at most
 # this (the whole split, on every host: each input pipeline draws from all of it).
@@ -73,6 +74,8 @@ _CACHE_LIMIT_BYTES = 2 << 30
 _SHUFFLE_BUFFER = 16384
 # Tag of the random stream that orders the examples (apart from augmentation seeds).
 _ORDER_STREAM = 0x0DE7
+# Folded into a pass's order seed: the stream's file order (apart from its buffer seed).
+_FILES_STREAM = 0xF11E
 
 
 def pretrain_steps_per_epoch(cfg, num_examples):
@@ -104,11 +107,13 @@ def _training_source(cfg, input_context=None):
     ("arrays", uint8 tensor (N, ...), N): data whose images all have one size and fit in
       _CACHE_LIMIT_BYTES, decoded once into memory: resized to S x S when that is the
       batched path's input, at source size otherwise.
-    ("stream", dataset of images, N): TFDS data too large for memory, read with its files
-      in a seeded order. With input_context (several input pipelines), only this
-      pipeline's share of the split is read (sources.load_split): its own files, or its
-      part of tfds.even_splits when the split has fewer files than pipelines. Images
-      stored as JPEG come as encoded bytes (tf.string scalars), decoded crop by crop.
+    ("stream", images, N): TFDS data too large for memory; images(order_seed) is a
+      dataset of the images with the files read in the order drawn from order_seed (a
+      stateless seed; None: stored order), see sources.tfds_stream. With input_context
+      (several input pipelines), only this pipeline's share of the split is read: its own
+      files, or its part of tfds.even_splits when the split has fewer files than
+      pipelines. Images stored as JPEG come as encoded bytes (tf.string scalars), decoded
+      crop by crop.
     """
     image_size = cfg.image_size
     if folder.is_folder_dataset(cfg.dataset):
@@ -132,13 +137,15 @@ def _training_source(cfg, input_context=None):
             count += len(batch)
         return "arrays", tf.constant(images[:count]), count
     # Encoded JPEG bytes only where the images are cropped one by one (not S x S already).
-    ds, num_examples, _ = load_split(cfg.dataset, cfg.train_split, cfg.data_dir,
-                                     cfg.download, cfg.max_train_examples, cfg.seed,
-                                     on_bad_image=cfg.on_bad_image, shuffle_files=True,
-                                     input_context=input_context,
-                                     encoded_jpeg=source_shape != (image_size, image_size, 3))
-    return "stream", ds.map(lambda image, label: image,
-                            num_parallel_calls=tf.data.AUTOTUNE), num_examples
+    read, num_examples, _ = tfds_stream(cfg.dataset, cfg.train_split, cfg.data_dir,
+                                        cfg.download, cfg.max_train_examples, input_context,
+                                        encoded_jpeg=source_shape != (image_size, image_size, 3))
+
+    def images(order_seed=None):
+        return read(order_seed).map(lambda image, label: image,
+                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    return "stream", images, num_examples
 
 
 def _epoch_seed(seed, epoch, k):
@@ -184,10 +191,12 @@ def _stream_order(cfg, images, local_examples, batch_size, steps_per_epoch,
                   replicas_per_pipeline, initial_step):
     """(number, image) for TFDS data read as a stream: this pipeline's share (already
     sharded by the reader, local_examples images: its own files, or its part of
-    tfds.even_splits), epoch e shuffled by a buffer seeded from (cfg.seed, e) (files in one
-    seeded order), as many passes as the epoch needs, cut to the epoch's images; a resumed
-    run (same number of input pipelines) starts at its epoch and skips the images of that
-    epoch's earlier steps (read and dropped)."""
+    tfds.even_splits). Pass k over the share in epoch e reads its files in a permutation
+    drawn from (cfg.seed, e, k) and shuffles their images in a buffer seeded from
+    (cfg.seed, e, k) too: every epoch its own file order and shuffle. As many passes as
+    the epoch needs, cut to the epoch's images; a resumed run (same number of input
+    pipelines) starts at its epoch and skips the images of that epoch's earlier steps
+    (read and dropped), so it reads what the uninterrupted run read."""
     per_step = replicas_per_pipeline * batch_size
     per_epoch = steps_per_epoch * per_step
     local = max(1, local_examples)
@@ -196,9 +205,12 @@ def _stream_order(cfg, images, local_examples, batch_size, steps_per_epoch,
 
     def epoch_images(epoch):
         def one_pass(k):
-            seed = tf.random.stateless_uniform([], _epoch_seed(cfg.seed, epoch, k),
-                                               minval=0, maxval=2**31 - 1, dtype=tf.int64)
-            return images.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
+            pass_seed = _epoch_seed(cfg.seed, epoch, k)
+            files_seed = tf.random.experimental.stateless_fold_in(pass_seed, _FILES_STREAM)
+            seed = tf.random.stateless_uniform([], pass_seed, minval=0, maxval=2**31 - 1,
+                                               dtype=tf.int64)
+            return images(files_seed).shuffle(buffer, seed=seed,
+                                              reshuffle_each_iteration=False)
 
         return tf.data.Dataset.range(passes).flat_map(one_pass).take(per_epoch)
 
@@ -249,12 +261,13 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
     seed_base = tf.constant(cfg.seed, tf.int64)
     per_step = replicas_per_pipeline * batch_size
     # Encoded bytes (image files, TFDS JPEGs): decoded by the crops, see crop_image.
-    encoded = kind == "files" or (kind == "stream" and source.element_spec.dtype == tf.string)
+    encoded = kind == "files" or (kind == "stream"
+                                  and source().element_spec.dtype == tf.string)
     if encoded:
         crop_first = True
     else:
         element_shape = tuple(source.shape[1:] if kind == "arrays"
-                              else source.element_spec.shape)
+                              else source().element_spec.shape)
         crop_first = element_shape != (image_size, image_size, 3)
     order_args = (cfg, num_examples, batch_size, steps_per_epoch, num_pipelines,
                   pipeline_id, replicas_per_pipeline, initial_step)

