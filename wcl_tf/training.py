@@ -72,7 +72,7 @@ from wcl_tf import strategy as strategy_lib
 from wcl_tf import warm_start
 from wcl_tf import config as config_lib
 from wcl_tf.config import ConfigError
-from wcl_tf.data import augment, augment_layers, folder, pipeline, sources
+from wcl_tf.data import augment, augment_layers, eval_input, folder, pipeline, sources
 from wcl_tf.models.wcl_model import build_wcl_model
 
 # The run folder's names and readers, kept here for callers of this module.
@@ -224,10 +224,10 @@ def _knn_arrays(cfg, log):
     if num_classes == 0:
         log(f"no kNN evaluation: {cfg.dataset} has no labels (class subfolders).")
         return None
-    train = sources.load_arrays(cfg.dataset, cfg.train_split, cfg.image_size, cfg.data_dir,
-                                cfg.download, cfg.max_eval_examples, cfg.on_bad_image)
-    test = sources.load_arrays(cfg.dataset, cfg.eval_split, cfg.image_size, cfg.data_dir,
-                               cfg.download, cfg.max_eval_examples, cfg.on_bad_image)
+    train = eval_input.load_arrays(cfg.dataset, cfg.train_split, cfg.image_size, cfg.data_dir,
+                                   cfg.download, cfg.max_eval_examples, cfg.on_bad_image)
+    test = eval_input.load_arrays(cfg.dataset, cfg.eval_split, cfg.image_size, cfg.data_dir,
+                                  cfg.download, cfg.max_eval_examples, cfg.on_bad_image)
     return train, test, num_classes
 
 
