@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wcl_tf import training
+from wcl_tf import run_folder, training
 from wcl_tf.config import Config
 from wcl_tf.data import eval_input, folder, sources
 
@@ -164,4 +164,4 @@ def test_training_on_a_messy_folder_reports_skipped_files(messy_folder, tmp_path
     assert "no kNN evaluation" in log
     assert results["optimizer_steps"] == 1 and np.isfinite(results["final_loss"])
     assert results["knn_top1"] is None
-    assert os.path.exists(training.checkpoint_path(cfg.model_dir, 1))
+    assert os.path.exists(run_folder.checkpoint_path(cfg.model_dir, 1))
