@@ -10,7 +10,7 @@ import tensorflow as tf
 from conftest import SHARED_TFDS
 
 from wcl_tf.config import Config
-from wcl_tf.data import augment, pipeline, sources
+from wcl_tf.data import augment, eval_input, pipeline, sources
 from wcl_tf.data.sources import DataError
 
 SIZE = 16  # image side for augmentation / pipeline tests (fast on 2 cores)
@@ -73,7 +73,7 @@ def test_embedded_mnist_splits():
 
 
 def test_load_arrays_resizes_to_unit_floats():
-    images, labels = sources.load_arrays("embedded_mnist", "test", 20, max_examples=12)
+    images, labels = eval_input.load_arrays("embedded_mnist", "test", 20, max_examples=12)
     assert images.shape == (12, 20, 20, 3) and images.dtype == np.float32
     assert labels.shape == (12,) and labels.dtype == np.int64
     assert images.min() >= 0.0 and images.max() <= 1.0 and images.max() > 0.9
@@ -117,8 +117,8 @@ def test_tfds_split_of_the_imagenet_stand_in(fake_imagenet):
     assert all(image.dtype == np.uint8 and label.dtype == np.int64 for image, label in pairs)
     with pytest.raises(DataError, match="unknown split 'valid'.*'train'"):
         sources.load_split(stand_in.NAME, "valid", data_dir=fake_imagenet)
-    arrays, labels = sources.load_arrays(stand_in.NAME, "validation", 16,
-                                         data_dir=fake_imagenet, max_examples=3)
+    arrays, labels = eval_input.load_arrays(stand_in.NAME, "validation", 16,
+                                            data_dir=fake_imagenet, max_examples=3)
     assert arrays.shape == (3, 16, 16, 3) and 0.0 <= arrays.min() and arrays.max() <= 1.0
     np.testing.assert_array_equal(labels, [label for _, label in pairs[:3]])
 
@@ -137,8 +137,8 @@ def test_cifar10_from_shared_tfds():
     assert images.std() > 10  # real colour photos, not zeros
     with pytest.raises(DataError, match="unknown split 'valid'.*'train'"):
         sources.load_split("cifar10", "valid", data_dir=SHARED_TFDS)
-    arrays, _ = sources.load_arrays("cifar10", "test", 16, data_dir=SHARED_TFDS,
-                                    max_examples=3)
+    arrays, _ = eval_input.load_arrays("cifar10", "test", 16, data_dir=SHARED_TFDS,
+                                       max_examples=3)
     assert arrays.shape == (3, 16, 16, 3) and 0.0 <= arrays.min() and arrays.max() <= 1.0
 
 

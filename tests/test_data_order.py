@@ -19,7 +19,7 @@ import tensorflow as tf
 from PIL import Image
 
 from wcl_tf.config import Config
-from wcl_tf.data import augment, folder, pipeline, sources
+from wcl_tf.data import augment, eval_input, folder, pipeline, sources
 from wcl_tf.models.wcl_model import build_wcl_model
 
 CLASSES, PER_CLASS = 10, 40
@@ -85,8 +85,8 @@ def test_max_examples_is_a_seeded_sample_across_classes(sorted_folder):
         labels = [int(label) for _, label in ds.as_numpy_iterator()]
         assert count == len(labels) == 100 and len(set(labels)) >= 9
     # Evaluation subsets (load_arrays, no seed) are the same every time.
-    _, y1 = sources.load_arrays(sorted_folder, "train", 8, max_examples=50)
-    _, y2 = sources.load_arrays(sorted_folder, "train", 8, max_examples=50)
+    _, y1 = eval_input.load_arrays(sorted_folder, "train", 8, max_examples=50)
+    _, y2 = eval_input.load_arrays(sorted_folder, "train", 8, max_examples=50)
     np.testing.assert_array_equal(y1, y2)
     assert len(set(y1.tolist())) >= 8
 

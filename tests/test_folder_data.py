@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wcl_tf import training
+from wcl_tf import run_folder, training
 from wcl_tf.config import Config
-from wcl_tf.data import folder, sources
+from wcl_tf.data import eval_input, folder, sources
 
 _RNG = np.random.default_rng(0)
 _RGB = (_RNG.uniform(size=(20, 30, 3)) * 255).astype(np.uint8)
@@ -116,7 +116,7 @@ def test_class_subfolders_and_split_folders(tmp_path):
     ds, n_test, _ = sources.load_split(dataset, "test")
     assert (n_train, n_test, classes) == (6, 4, 2)
     assert sorted(int(label) for _, label in ds.as_numpy_iterator()) == [0, 0, 1, 1]
-    x, y = sources.load_arrays(dataset, "train", image_size=8)
+    x, y = eval_input.load_arrays(dataset, "train", image_size=8)
     assert x.shape == (6, 8, 8, 3) and x.dtype == np.float32 and sorted(y) == [0, 0, 0, 1, 1, 1]
 
 
@@ -164,4 +164,4 @@ def test_training_on_a_messy_folder_reports_skipped_files(messy_folder, tmp_path
     assert "no kNN evaluation" in log
     assert results["optimizer_steps"] == 1 and np.isfinite(results["final_loss"])
     assert results["knn_top1"] is None
-    assert os.path.exists(training.checkpoint_path(cfg.model_dir, 1))
+    assert os.path.exists(run_folder.checkpoint_path(cfg.model_dir, 1))

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from wcl_tf import callbacks as callbacks_lib
-from wcl_tf import optimizers, training
+from wcl_tf import optimizers, run_folder, training
 from wcl_tf.config import Config
 from wcl_tf.export import load_checkpoint
 from wcl_tf.models.wcl_model import build_wcl_model
@@ -118,10 +118,10 @@ def test_nan_stops_the_run_and_the_last_checkpoint_loads(tmp_path):
     # Epoch 2, batch 2: optimizer step 3 + 1 = 4, with its learning rate.
     assert "optimizer step 4 (epoch 2, batch 2, learning rate" in message, message
     assert "epoch_001.keras (epoch 1)" in message and "resumes from it" in message
-    assert training.latest_checkpoint(cfg.model_dir)[0] == 1
-    assert not os.path.exists(training.checkpoint_path(cfg.model_dir, 2))
-    assert not os.path.exists(os.path.join(cfg.model_dir, training.RESULTS_FILE))
-    model = load_checkpoint(training.checkpoint_path(cfg.model_dir, 1))
+    assert run_folder.latest_checkpoint(cfg.model_dir)[0] == 1
+    assert not os.path.exists(run_folder.checkpoint_path(cfg.model_dir, 2))
+    assert not os.path.exists(os.path.join(cfg.model_dir, run_folder.RESULTS_FILE))
+    model = load_checkpoint(run_folder.checkpoint_path(cfg.model_dir, 1))
     assert all(np.isfinite(w).all() for w in model.get_weights())
     # The message's advice: the same command with --skip_nonfinite_steps resumes from
     # epoch 1 (the setting may change between attempts) and finishes.

@@ -204,7 +204,7 @@ def test_non_chief_writes_nothing_resumes_from_the_chiefs_checkpoint_stops_on_si
         chief.optimizer.build(chief.trainable_variables)
     chief.optimizer.iterations.assign(STEPS_TINY)
     os.makedirs(tmp_path / "checkpoints")
-    run_folder.save_model(chief, training.checkpoint_path(str(tmp_path), 1))
+    run_folder.save_model(chief, run_folder.checkpoint_path(str(tmp_path), 1))
     listing = {p: os.stat(p).st_mtime_ns for p in map(str, tmp_path.rglob("*"))}
 
     # A multi-worker run's non-chief: nothing may be written, created or deleted there.

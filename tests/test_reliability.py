@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from wcl_tf import run_folder, training
+from wcl_tf import run_folder
 from wcl_tf.export import load_checkpoint
 
 _SCRIPT = os.path.join(os.path.dirname(__file__), "checkpoint_kill_run.py")
@@ -35,7 +35,7 @@ def test_sigkill_while_writing_a_checkpoint_loses_nothing_saved(tmp_path):
     with pytest.raises(zipfile.BadZipFile):
         zipfile.ZipFile(partial)
     assert not (folder / "epoch_002.keras").exists()
-    epochs_done, path = training.latest_checkpoint(str(model_dir))
+    epochs_done, path = run_folder.latest_checkpoint(str(model_dir))
     assert epochs_done == 1
     model = load_checkpoint(path)
     assert all(np.isfinite(w).all() for w in model.get_weights())
@@ -43,7 +43,7 @@ def test_sigkill_while_writing_a_checkpoint_loses_nothing_saved(tmp_path):
     rerun = _run(model_dir, kill_at=0)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "RESUMED_FROM 1 COMPLETED 3" in rerun.stdout
-    assert training.latest_checkpoint(str(model_dir))[0] == 3
+    assert run_folder.latest_checkpoint(str(model_dir))[0] == 3
 
 
 def test_checkpoint_with_code_is_refused(tmp_path):

@@ -94,7 +94,7 @@ def test_sigkill_mid_epoch_then_rerun_completes_the_same_schedule(tmp_path):
             proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (model_dir / "results.json").exists()
-    killed_after, _ = training.latest_checkpoint(str(model_dir))
+    killed_after, _ = run_folder.latest_checkpoint(str(model_dir))
     assert 2 <= killed_after <= EPOCHS  # EPOCHS: killed after the last checkpoint.
 
     out = subprocess.run(_command(model_dir), cwd=ROOT, env=_env(), capture_output=True,
@@ -160,10 +160,10 @@ def test_restored_model_takes_the_same_next_step(tmp_path):
 
     original = training.build(cfg, strategy, cfg.steps_per_epoch)
     original.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
-    path = training.checkpoint_path(str(tmp_path), 1)
+    path = run_folder.checkpoint_path(str(tmp_path), 1)
     os.makedirs(os.path.dirname(path))
     run_folder.save_model(original, path)
-    assert training.latest_checkpoint(str(tmp_path)) == (1, path)
+    assert run_folder.latest_checkpoint(str(tmp_path)) == (1, path)
 
     restored = training.build(cfg, strategy, cfg.steps_per_epoch)
     assert training.restore(restored, path, strategy) == 3
@@ -209,15 +209,15 @@ def test_latest_checkpoint_skips_a_file_cut_short(tmp_path):
         archive.writestr("model.weights.h5", b"weights")
     data = (ckpt / "epoch_001.keras").read_bytes()
     (ckpt / "epoch_002.keras").write_bytes(data[: len(data) // 2])  # A kill mid-write.
-    assert training.latest_checkpoint(str(tmp_path)) == (1, str(ckpt / "epoch_001.keras"))
-    assert training.latest_checkpoint(str(tmp_path / "nothing")) == (0, None)
+    assert run_folder.latest_checkpoint(str(tmp_path)) == (1, str(ckpt / "epoch_001.keras"))
+    assert run_folder.latest_checkpoint(str(tmp_path / "nothing")) == (0, None)
 
 
 def test_resumed_run_starts_the_data_pipeline_at_the_restored_step(tmp_path, monkeypatch):
     cfg = Config(model_dir=str(tmp_path), max_eval_examples=50, **{**TINY, "steps_per_epoch": 1})
     training.run(cfg, log=lambda msg: None)
     os.remove(tmp_path / "results.json")  # As if killed during epoch 2 ...
-    os.remove(training.checkpoint_path(str(tmp_path), 2))
+    os.remove(run_folder.checkpoint_path(str(tmp_path), 2))
 
     starts = []
     make = training.pipeline.distribute_pretrain_dataset

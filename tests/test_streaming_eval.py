@@ -112,7 +112,7 @@ def test_linear_probe_and_knn_see_only_the_blue_centre_at_test_time(bordered_fol
     assert float(spy.max_red.numpy()) < 0.1
 
     # The in-memory arrays (training-time kNN monitor, fine-tuning) use the same rule.
-    x, _ = sources.load_arrays(bordered_folder, "test", S)
+    x, _ = eval_input.load_arrays(bordered_folder, "test", S)
     assert x.shape == (6, S, S, 3) and x[..., 0].max() < 0.1
 
 

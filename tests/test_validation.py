@@ -137,7 +137,7 @@ def test_not_enough_disk_for_checkpoints(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="not enough free disk.*MiB per checkpoint.*"
                                           "--keep_checkpoints"):
         training.run(cfg, log=lambda _: None)
-    assert not os.path.exists(training.checkpoint_path(cfg.model_dir, 1))
+    assert not os.path.exists(run_folder.checkpoint_path(cfg.model_dir, 1))
 
 
 @pytest.mark.parametrize("dataset, expected", [

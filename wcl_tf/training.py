@@ -72,19 +72,8 @@ from wcl_tf import strategy as strategy_lib
 from wcl_tf import warm_start
 from wcl_tf import config as config_lib
 from wcl_tf.config import ConfigError
-from wcl_tf.data import augment, augment_layers, folder, pipeline, sources
+from wcl_tf.data import augment, augment_layers, eval_input, folder, pipeline, sources
 from wcl_tf.models.wcl_model import build_wcl_model
-
-# The run folder's names and readers, kept here for callers of this module.
-CONFIG_FILE = run_folder.CONFIG_FILE
-STATE_FILE = run_folder.STATE_FILE
-RESULTS_FILE = run_folder.RESULTS_FILE
-HISTORY_FILE = run_folder.HISTORY_FILE
-FINAL_CHECKPOINT = run_folder.FINAL_CHECKPOINT
-CHECKPOINT_DIR = run_folder.CHECKPOINT_DIR
-checkpoint_path = run_folder.checkpoint_path
-latest_checkpoint = run_folder.latest_checkpoint
-
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped on a non-finite loss; the message says where and what to do."""
@@ -100,7 +89,7 @@ class Preempted(RuntimeError):
 
 
 def _has_training_state(model_dir):
-    return (latest_checkpoint(model_dir)[1] is not None
+    return (run_folder.latest_checkpoint(model_dir)[1] is not None
             or run_folder.latest_mid_epoch_checkpoint(model_dir)[1] is not None)
 
 
@@ -116,7 +105,7 @@ def _prepare_model_dir(cfg, writes=True):
             raise ConfigError(
                 f"model_dir {cfg.model_dir!r} is not writable ({run_folder.error_text(err)}): "
                 "choose another --model_dir.") from None
-    path = run_folder.join(cfg.model_dir, CONFIG_FILE)
+    path = run_folder.join(cfg.model_dir, run_folder.CONFIG_FILE)
     # Through JSON, so that tuples compare equal to the lists read back.
     settings = json.loads(json.dumps(cfg.to_dict()))
     # Only a run that has saved training state binds the folder: a run that stopped
@@ -190,8 +179,8 @@ class _EpochCheckpoint(keras.callbacks.Callback):
         self.state.update(history=self.rows, train_seconds=round(self.train_seconds(), 1))
         if not self.write:
             return
-        run_folder.write_json(run_folder.join(self.model_dir, STATE_FILE), self.state)
-        path = checkpoint_path(self.model_dir, epoch + 1)
+        run_folder.write_json(run_folder.join(self.model_dir, run_folder.STATE_FILE), self.state)
+        path = run_folder.checkpoint_path(self.model_dir, epoch + 1)
         run_folder.save_model(self.model, path)
         run_folder.write_history_csv(self.model_dir, self.rows)
         # Never delete an older checkpoint before this one reads whole (a rename on an
@@ -224,10 +213,10 @@ def _knn_arrays(cfg, log):
     if num_classes == 0:
         log(f"no kNN evaluation: {cfg.dataset} has no labels (class subfolders).")
         return None
-    train = sources.load_arrays(cfg.dataset, cfg.train_split, cfg.image_size, cfg.data_dir,
-                                cfg.download, cfg.max_eval_examples, cfg.on_bad_image)
-    test = sources.load_arrays(cfg.dataset, cfg.eval_split, cfg.image_size, cfg.data_dir,
-                               cfg.download, cfg.max_eval_examples, cfg.on_bad_image)
+    train = eval_input.load_arrays(cfg.dataset, cfg.train_split, cfg.image_size, cfg.data_dir,
+                                   cfg.download, cfg.max_eval_examples, cfg.on_bad_image)
+    test = eval_input.load_arrays(cfg.dataset, cfg.eval_split, cfg.image_size, cfg.data_dir,
+                                  cfg.download, cfg.max_eval_examples, cfg.on_bad_image)
     return train, test, num_classes
 
 
@@ -365,7 +354,7 @@ def _check_disk_space(cfg, model):
 
 
 def _nonfinite_message(cfg, info, model_dir):
-    epochs_done, path = latest_checkpoint(model_dir)
+    epochs_done, path = run_folder.latest_checkpoint(model_dir)
     kept = (f"the last good checkpoint is {path} (epoch {epochs_done}); running the same "
             f"command again resumes from it" if path else
             "no epoch had finished, so there is no checkpoint to keep")
@@ -421,7 +410,7 @@ def _resume_point(cfg, steps, agreement):
     of steps, and the first all-reduce where they part would wait forever), and all stop
     if any worker cannot read that file.
     """
-    epochs_done, path = latest_checkpoint(cfg.model_dir)
+    epochs_done, path = run_folder.latest_checkpoint(cfg.model_dir)
     mid_step, mid_path = run_folder.latest_mid_epoch_checkpoint(cfg.model_dir)
     if mid_path is None or mid_step <= epochs_done * steps:
         mid_step = 0
@@ -430,7 +419,7 @@ def _resume_point(cfg, steps, agreement):
         path, step = run_folder.mid_epoch_checkpoint_path(cfg.model_dir, mid_step), mid_step
         epochs_done = mid_step // steps
     elif epochs_done:
-        path, step = checkpoint_path(cfg.model_dir, epochs_done), epochs_done * steps
+        path, step = run_folder.checkpoint_path(cfg.model_dir, epochs_done), epochs_done * steps
     else:
         path, step = None, 0
     _, missing = agreement.chief_values([], path is not None and not run_folder.is_complete(path))
@@ -445,7 +434,7 @@ def _preempted_message(cfg, info, steps):
     step = info["optimizer_step"]
     if info["path"] is None:
         where = (f"after epoch {info['epoch']} of {cfg.epochs} (optimizer step {step}); "
-                 f"that state is {checkpoint_path(cfg.model_dir, info['epoch'])}")
+                 f"that state is {run_folder.checkpoint_path(cfg.model_dir, info['epoch'])}")
     else:
         where = (f"at optimizer step {step} (epoch {info['epoch']} of {cfg.epochs}, step "
                  f"{step - (info['epoch'] - 1) * steps} of {steps}); checkpoint saved: "
@@ -474,7 +463,7 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
     done = finished_results(cfg)
     if done is not None:
         log(f"wcl_tf: {cfg.model_dir} already holds a finished run ({cfg.epochs} of "
-            f"{cfg.epochs} epochs): nothing to train, returning its {RESULTS_FILE}. "
+            f"{cfg.epochs} epochs): nothing to train, returning its {run_folder.RESULTS_FILE}. "
             "Use a new --model_dir to train again.")
         log(_summary(cfg, done))
         return done
@@ -535,7 +524,7 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
     state = {"random_encoder_knn_top1": random_top1,
              "train_seconds": state.get("train_seconds", 0.0), "history": rows}
     if writes:  # Drops rows of epochs not checkpointed.
-        run_folder.makedirs(run_folder.join(cfg.model_dir, CHECKPOINT_DIR))
+        run_folder.makedirs(run_folder.join(cfg.model_dir, run_folder.CHECKPOINT_DIR))
         run_folder.write_history_csv(cfg.model_dir, rows)
     guard = callbacks_lib.NonFiniteGuard(cfg.skip_nonfinite_steps, log)
     checkpoint = _EpochCheckpoint(cfg.model_dir, rows, state, write=writes, guard=guard,
@@ -545,7 +534,7 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         path = run_folder.mid_epoch_checkpoint_path(cfg.model_dir, step)
         if writes:
             state.update(train_seconds=round(checkpoint.train_seconds(), 1))
-            run_folder.write_json(run_folder.join(cfg.model_dir, STATE_FILE), state)
+            run_folder.write_json(run_folder.join(cfg.model_dir, run_folder.STATE_FILE), state)
             run_folder.save_model(model, path)
             if run_folder.is_complete(path):
                 run_folder.remove_mid_epoch_checkpoints(cfg.model_dir, step)
@@ -597,7 +586,7 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         raise Preempted(_preempted_message(cfg, preemption.preempted, steps),
                         preemption.preempted)
 
-    final_path = run_folder.join(cfg.model_dir, FINAL_CHECKPOINT)
+    final_path = run_folder.join(cfg.model_dir, run_folder.FINAL_CHECKPOINT)
     if writes:
         run_folder.save_model(model, final_path)
     knn_history = [[r["epoch"], r["knn_top1"]] for r in rows if "knn_top1" in r]
@@ -625,6 +614,6 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         "checkpoint": final_path,
     }
     if writes:
-        run_folder.write_json(run_folder.join(cfg.model_dir, RESULTS_FILE), results)
+        run_folder.write_json(run_folder.join(cfg.model_dir, run_folder.RESULTS_FILE), results)
     log(_summary(cfg, results))
     return results

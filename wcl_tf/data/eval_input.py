@@ -1,6 +1,7 @@
-"""Streaming input for the evaluations (kNN, linear probe): the test-time preprocessing and
-the linear probe's training crops, read in batches from tf.data so that memory does not
-grow with the number of images (docs/method.md section 5).
+"""Input for the evaluations (kNN, linear probe): the test-time preprocessing and the
+linear probe's training crops, read in batches from tf.data so that memory does not grow
+with the number of images (docs/method.md section 5), and `load_arrays`, a small split
+whole in memory through the same test-time preprocessing.
 
 Test-time preprocessing (`eval_image`), one image at a time, the authors' `eval_aug`
 (`transforms.Resize(256), transforms.CenterCrop(224)`) generalised to any image size S:
@@ -29,6 +30,7 @@ embedded MNIST digits (in memory) through that per-epoch buffer alone.
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 from wcl_tf import seeding
@@ -101,6 +103,31 @@ def eval_batches(dataset, split, image_size, batch_size, data_dir=None, download
     ds = ds.map(lambda image, label: (eval_image(image, image_size), label),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(int(batch_size)).prefetch(2), num_examples, num_classes
+
+
+def load_arrays(dataset, split, image_size, data_dir=None, download=False, max_examples=0,
+                on_bad_image="skip"):
+    """The whole split as arrays, for small kNN / linear evaluations (the training-time kNN
+    monitor, the fast probe's raw-pixel baseline, fine-tuning). Large splits: stream them
+    with `eval_batches` / `train_batches` instead (this holds N * S * S * 3 float32).
+
+    Returns images float32 (N, S, S, 3) in [0, 1], through the test-time preprocessing
+    `eval_image` (square images of side <= S: bilinear resize to S, the identity at S;
+    others: shorter side to round(S * 256 / 224), centre crop S), and labels int64 (N,).
+    """
+    ds, num_examples, _ = sources.load_split(dataset, split, data_dir, download, max_examples,
+                                             on_bad_image=on_bad_image)
+    ds = ds.map(lambda image, label: (eval_image(image, image_size), label),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    images = np.zeros((num_examples, image_size, image_size, 3), np.float32)
+    labels = np.zeros((num_examples,), np.int64)
+    count = 0
+    for image_batch, label_batch in ds.batch(1024).prefetch(2).as_numpy_iterator():
+        n = len(label_batch)
+        images[count:count + n] = np.clip(image_batch, 0.0, 1.0)
+        labels[count:count + n] = label_batch
+        count += n
+    return images[:count], labels[:count]
 
 
 def _crop_and_flip(image, seed, image_size, crop_scale):

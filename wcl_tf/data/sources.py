@@ -309,30 +309,3 @@ def resize_uint8(images, image_size):
     resized = resize_images(images, image_size)
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
-
-def load_arrays(dataset, split, image_size, data_dir=None, download=False, max_examples=0,
-                on_bad_image="skip"):
-    """The whole split as arrays, for small kNN / linear evaluations (the training-time kNN
-    monitor, the fast probe's raw-pixel baseline, fine-tuning). Large splits: stream them
-    with wcl_tf.data.eval_input instead (this holds N * S * S * 3 float32).
-
-    Returns images float32 (N, S, S, 3) in [0, 1], through the test-time preprocessing
-    `eval_input.eval_image` (square images of side <= S: bilinear resize to S, the
-    identity at S; others: shorter side to round(S * 256 / 224), centre crop S), and
-    labels int64 (N,).
-    """
-    from wcl_tf.data import eval_input  # pylint: disable=import-outside-toplevel
-
-    ds, num_examples, _ = load_split(dataset, split, data_dir, download, max_examples,
-                                     on_bad_image=on_bad_image)
-    ds = ds.map(lambda image, label: (eval_input.eval_image(image, image_size), label),
-                num_parallel_calls=tf.data.AUTOTUNE)
-    images = np.zeros((num_examples, image_size, image_size, 3), np.float32)
-    labels = np.zeros((num_examples,), np.int64)
-    count = 0
-    for image_batch, label_batch in ds.batch(1024).prefetch(2).as_numpy_iterator():
-        n = len(label_batch)
-        images[count:count + n] = np.clip(image_batch, 0.0, 1.0)
-        labels[count:count + n] = label_batch
-        count += n
-    return images[:count], labels[:count]

@@ -58,7 +58,7 @@ def _labelled_subset(run, log):
     import numpy as np  # pylint: disable=import-outside-toplevel
 
     from wcl_tf import finetune  # pylint: disable=import-outside-toplevel
-    from wcl_tf.data import sources  # pylint: disable=import-outside-toplevel
+    from wcl_tf.data import eval_input, sources  # pylint: disable=import-outside-toplevel
 
     fraction = FLAGS.label_fraction
     start = time.time()
@@ -71,14 +71,15 @@ def _labelled_subset(run, log):
                 f"{fraction}.")
         log(f"labelled subset: the standard TFDS subset {name} (train split); "
             "--subset_seed is not used")
-        images, labels = sources.load_arrays(name, "train", run["image_size"],
-                                             run["data_dir"], run["download"],
-                                             max_examples=run["max_examples"])
+        images, labels = eval_input.load_arrays(name, "train", run["image_size"],
+                                                run["data_dir"], run["download"],
+                                                max_examples=run["max_examples"])
         subset = {"source": name, "seed": None}
     else:
-        images, labels = sources.load_arrays(run["dataset"], run["train_split"],
-                                             run["image_size"], run["data_dir"],
-                                             run["download"], max_examples=run["max_examples"])
+        images, labels = eval_input.load_arrays(run["dataset"], run["train_split"],
+                                                run["image_size"], run["data_dir"],
+                                                run["download"],
+                                                max_examples=run["max_examples"])
         try:
             index = finetune.label_subset(labels, fraction, seed=FLAGS.subset_seed)
         except ValueError as err:
@@ -109,14 +110,14 @@ def _main():
     run = run_dir.resolve_run(need_checkpoint=not FLAGS.random_init)
     from wcl_tf import finetune  # pylint: disable=import-outside-toplevel
     from wcl_tf import linear_eval  # pylint: disable=import-outside-toplevel
-    from wcl_tf.data import sources  # pylint: disable=import-outside-toplevel
+    from wcl_tf.data import eval_input  # pylint: disable=import-outside-toplevel
 
     log = run_dir.log
     backbone = run_dir.load_encoder(run)
     images, labels, subset, num_classes = _labelled_subset(run, log)
-    x_test, y_test = sources.load_arrays(run["dataset"], run["eval_split"], run["image_size"],
-                                         run["data_dir"], run["download"],
-                                         max_examples=run["max_examples"])
+    x_test, y_test = eval_input.load_arrays(run["dataset"], run["eval_split"],
+                                            run["image_size"], run["data_dir"],
+                                            run["download"], max_examples=run["max_examples"])
 
     fraction = FLAGS.label_fraction
     epochs = FLAGS.epochs or (60 if fraction <= 0.01 else 30)

@@ -173,13 +173,14 @@ def load_encoder(run):
 
 def load_data(run, log):
     """((x_train, y_train), (x_test, y_test), num_classes) as float32 [0, 1] arrays."""
-    from wcl_tf.data import sources  # pylint: disable=import-outside-toplevel
+    from wcl_tf.data import eval_input, sources  # pylint: disable=import-outside-toplevel
 
     arrays = []
     for split in (run["train_split"], run["eval_split"]):
         start = time.time()
-        x, y = sources.load_arrays(run["dataset"], split, run["image_size"], run["data_dir"],
-                                   run["download"], max_examples=run["max_examples"])
+        x, y = eval_input.load_arrays(run["dataset"], split, run["image_size"],
+                                      run["data_dir"], run["download"],
+                                      max_examples=run["max_examples"])
         log(f"loaded {run['dataset']}:{split}: {len(y)} images at {run['image_size']} px "
             f"({time.time() - start:.1f} s)")
         if len(y) == 0:
