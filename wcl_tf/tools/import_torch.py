@@ -45,11 +45,16 @@ FLAGS = flags.FLAGS
 RECORD_FILE = "import_record.json"
 CLASSIFIER_FILE = "classifier.keras"
 
-flags.DEFINE_string("checkpoint", None, "The PyTorch file: the authors' wcl-100.pth / "
-                    "wcl-200.pth, a state dict, or their linear-evaluation checkpoint.")
-flags.DEFINE_string("model_dir", None, "The run folder to create (must not hold a run).")
-flags.DEFINE_integer("image_size", 224, "image_size recorded in config.json (the tools' "
-                     "default input size).", lower_bound=8)
+
+def _define_flags():
+    """The tool's flags, defined when it runs, not when it is imported: the library
+    functions below are imported by tests and other tools, whose processes may define
+    flags of the same names (export's --checkpoint)."""
+    flags.DEFINE_string("checkpoint", None, "The PyTorch file: the authors' wcl-100.pth / "
+                        "wcl-200.pth, a state dict, or their linear-evaluation checkpoint.")
+    flags.DEFINE_string("model_dir", None, "The run folder to create (must not hold a run).")
+    flags.DEFINE_integer("image_size", 224, "image_size recorded in config.json (the "
+                         "tools' default input size).", lower_bound=8)
 
 
 def check_paths(checkpoint, model_dir):
@@ -187,6 +192,7 @@ def _main():
 
 def main():
     """Entry point of the module, of tools/import_torch.py and of the console script."""
+    _define_flags()
     _cli.run(run_dir.main_wrapper(_main), __name__)
 
 
