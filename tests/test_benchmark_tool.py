@@ -22,7 +22,7 @@ def _run(tmp_path, *args):
 
 def _config_json(module, code, flagfile):
     """Config.to_dict() printed by `code` after absl parsed --flagfile=flagfile into the
-    flags of `module` (wcl_tf.train or wcl_tf.tools.benchmark); no TensorFlow starts."""
+    flags of `module` (wcl_tf.train or wcl_tf.tools.benchmark.cli); no TensorFlow starts."""
     script = (f"import json, sys; from absl import flags; from wcl_tf import flagfiles; "
               f"import {module} as m; "
               f"flags.FLAGS(['x', *flagfiles.expand_args(['--flagfile={flagfile}'])]); "
@@ -43,7 +43,7 @@ def test_a_flagfile_means_to_the_benchmark_what_it_means_to_training(tmp_path):
     assert trained["backbone"] == "resnet50" and trained["image_size"] == 64
     # On the benchmark's command line (step, pipeline, ...) and as one of ratio's --configs.
     command_line, listed = _config_json(
-        "wcl_tf.tools.benchmark",
+        "wcl_tf.tools.benchmark.cli",
         f"[m.train_config().to_dict(), m.train_config('{flagfile}').to_dict()]", flagfile)
     assert command_line == trained and listed == trained
 

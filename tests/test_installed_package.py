@@ -91,7 +91,9 @@ def test_every_tool_script_launches_the_package_module(tool):
     # Read, not imported: each tool defines its flags on import (one tool per process).
     with open(os.path.join(ROOT, "tools", f"{tool}.py")) as f:
         script = f.read()
-    with open(os.path.join(ROOT, "wcl_tf", "tools", f"{tool}.py")) as f:
+    package = os.path.join(ROOT, "wcl_tf", "tools", tool)  # a tool that is a package
+    path = os.path.join(package, "__init__.py") if os.path.isdir(package) else package + ".py"
+    with open(path) as f:
         module = f.read()
     with open(os.path.join(ROOT, "setup.py")) as f:
         setup_py = f.read()

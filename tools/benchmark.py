@@ -1,4 +1,4 @@
-"""Launcher (source checkout) of wcl_tf/tools/benchmark.py: python -m wcl_tf.tools.benchmark."""
+"""Launcher (source checkout) of the package wcl_tf/tools/benchmark/: python -m wcl_tf.tools.benchmark."""
 import os
 import sys
 

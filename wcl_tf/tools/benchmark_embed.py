@@ -23,7 +23,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import flags  # noqa: E402
 
 from wcl_tf.tools import _cli  # noqa: E402
+from wcl_tf.tools.benchmark import timing  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("backbone", "small_cnn", "embed / memory: backbone (random weights).")
@@ -140,13 +140,9 @@ def search_mode():
         start = time.time()
         index = Neighbors(rows, index=kind)
         build = time.time() - start
-        times, cpu = [], []
-        for _ in range(FLAGS.repeats):
-            start, start_cpu = time.time(), time.process_time()
-            index.search(queries, FLAGS.k)
-            times.append(time.time() - start)
-            cpu.append(time.process_time() - start_cpu)
-        search, search_cpu = statistics.median(times), statistics.median(cpu)
+        searched = timing.timed(lambda index=index: index.search(queries, FLAGS.k), 0,
+                                FLAGS.repeats)
+        search, search_cpu = searched.median, searched.cpu_median
         recall = index.recall_at(10, sample=FLAGS.queries) if kind != "exact" else 1.0
         result[kind] = {"build_s": round(build, 2), "search_s": round(search, 3),
                         "search_cpu_s": round(search_cpu, 3), "recall_at_10": recall}
