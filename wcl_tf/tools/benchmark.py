@@ -392,7 +392,7 @@ def _keras_cv_two_views(image_size, blur=False):
     import keras_cv
     import tensorflow as tf
 
-    from wcl_tf.data import augment
+    from wcl_tf.data import photometric
 
     def make():
         return keras.Sequential([
@@ -402,7 +402,7 @@ def _keras_cv_two_views(image_size, blur=False):
                 (0, 1), 0.8, 0.8, (0.1, 0.9), 0.2), rate=0.8),
             keras_cv.layers.RandomApply(keras_cv.layers.Grayscale(output_channels=3), rate=0.2),
             *([keras_cv.layers.RandomApply(keras_cv.layers.RandomGaussianBlur(
-                augment.blur_kernel_size(image_size), (0.1, 2.0)), rate=0.5)] if blur else []),
+                photometric.blur_kernel_size(image_size), (0.1, 2.0)), rate=0.5)] if blur else []),
             keras.layers.RandomFlip("horizontal"),
         ])
 
@@ -423,24 +423,24 @@ def bench_ops():
     import numpy as np
     import tensorflow as tf
 
-    from wcl_tf.data import augment
+    from wcl_tf.data import cropping, photometric, recipe
 
     cfg = train_config()
     size, batch = cfg.image_size, _batch_size(cfg)
     images = tf.constant(np.random.default_rng(0).uniform(size=(batch, size, size, 3)),
                          tf.float32)
     seed = tf.constant([1, 2], tf.int64)
-    kernel = augment.blur_kernel_size(size)
+    kernel = photometric.blur_kernel_size(size)
     sigma = tf.random.stateless_uniform([batch], [3, 4], 0.1, 2.0)
-    spec = augment.STRONG
+    spec = recipe.STRONG
     ours = {
-        "random resized crop": lambda x: augment.random_resized_crop(
+        "random resized crop": lambda x: cropping.random_resized_crop(
             x, size, spec.crop_scale, spec.crop_ratio, seed),
-        "colour jitter (all images)": lambda x: augment.color_jitter(
+        "colour jitter (all images)": lambda x: photometric.color_jitter(
             x, spec.brightness, spec.contrast, spec.saturation, spec.hue, seed),
         "grayscale": lambda x: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 1, 3]),
-        "Gaussian blur (all images)": lambda x: augment.gaussian_blur(x, kernel, sigma),
-        "horizontal flip": lambda x: augment.flip_left_right(
+        "Gaussian blur (all images)": lambda x: photometric.gaussian_blur(x, kernel, sigma),
+        "horizontal flip": lambda x: photometric.flip_left_right(
             x, tf.random.stateless_uniform([batch], seed) < 0.5),
     }
     layers = {
@@ -480,7 +480,7 @@ def bench_photometric():
     import numpy as np
     import tensorflow as tf
 
-    from wcl_tf.data import augment
+    from wcl_tf.data import recipe, view_assembly
 
     _limit_threads()
     cfg = train_config()
@@ -488,10 +488,10 @@ def bench_photometric():
     crops = tf.constant(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3)),
                         tf.uint8)
     seed = tf.constant([1, 2], tf.int64)
-    augmenter = augment.view_augmenter(size, cfg.blur)
+    augmenter = view_assembly.view_augmenter(size, cfg.blur)
     rows = []
     for form, static in (("host (drawn images only)", False), ("static shapes", True)):
-        fn = tf.function(lambda x, s=static: augmenter(x, augment.STRONG, seed, crop=False,
+        fn = tf.function(lambda x, s=static: augmenter(x, recipe.STRONG, seed, crop=False,
                                                        static_shapes=s))
         median, _ = _timed(lambda fn=fn: fn(crops).numpy(), FLAGS.warmup, FLAGS.repeats)
         rows.append({"form": form, "image_size": size, "batch": batch, "blur": cfg.blur,
