@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from wcl_tf.data import augment
+from wcl_tf.data import cropping
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 # (height, width): wider than 4:3, narrower than 3:4, inside the range, near its edges.
@@ -39,8 +39,8 @@ def torchvision_fallback(height, width, ratio):
 def _fallback_boxes(height, width, ratio, count=4, seed=(3, 1)):
     # Scale (1, 1): a candidate fits only at the image's own aspect ratio, which a
     # continuous draw never hits, so every image falls back.
-    boxes = augment.crop_boxes(count, (1.0, 1.0), ratio, tf.constant(seed, tf.int64),
-                               image_aspect=width / height).numpy()
+    boxes = cropping.crop_boxes(count, (1.0, 1.0), ratio, tf.constant(seed, tf.int64),
+                                image_aspect=width / height).numpy()
     top, left, bottom, right = boxes.T
     return np.stack([top * height, left * width, (bottom - top) * height,
                      (right - left) * width], axis=1)
@@ -62,8 +62,8 @@ def test_fallback_crop_reads_the_centre_of_a_wide_image():
     image mostly black."""
     image = np.zeros((20, 200, 3), np.uint8)
     image[:, 80:120] = 255
-    crops = augment.crops_of_image(tf.constant(image), 3, 16, (1.0, 1.0), RATIO,
-                                   tf.constant([5, 0], tf.int64)).numpy()
+    crops = cropping.crops_of_image(tf.constant(image), 3, 16, (1.0, 1.0), RATIO,
+                                    tf.constant([5, 0], tf.int64)).numpy()
     assert crops.min() == 255
 
 

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from wcl_tf.data import augment
+from wcl_tf.data import cropping, recipe
 
 PHOTOS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "photos")
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -48,7 +48,7 @@ def _old_crops(image, boxes, size):
 def _batched(image, count, size, scale, seed):
     """random_resized_crop on `count` copies of image (uint8) -> 0-255 floats."""
     images = tf.constant(np.repeat(image[None], count, 0), tf.float32) / 255.0
-    return augment.random_resized_crop(images, size, scale, RATIO, seed).numpy() * 255.0
+    return cropping.random_resized_crop(images, size, scale, RATIO, seed).numpy() * 255.0
 
 
 def _photo(index=0):
@@ -65,9 +65,9 @@ def test_shrunk_stripes_are_antialiased_like_pil():
     whole = [0.0, 0.0, 1.0, 1.0]
     pil_std = _pil_crop(image, whole, 224).std()
     assert pil_std < 10  # PIL all but removes the stripes (the old crops kept std ~59)
-    ours = augment.crops_of_image(tf.constant(image), 1, 224, (1.0, 1.0), (1.0, 1.0),
-                                  _seed(0)).numpy().astype(np.float32)
-    np.testing.assert_allclose(augment.crop_boxes(1, (1.0, 1.0), (1.0, 1.0), _seed(0)), [whole])
+    ours = cropping.crops_of_image(tf.constant(image), 1, 224, (1.0, 1.0), (1.0, 1.0),
+                                   _seed(0)).numpy().astype(np.float32)
+    np.testing.assert_allclose(cropping.crop_boxes(1, (1.0, 1.0), (1.0, 1.0), _seed(0)), [whole])
     assert abs(ours.std() - pil_std) < 0.2 * pil_std
     batched = _batched(image, 2, 224, (1.0, 1.0), _seed(0))
     assert abs(batched.std() - pil_std) < 0.2 * pil_std
@@ -81,10 +81,10 @@ def test_shrunk_random_windows_match_pil(size):
     is PIL's resize of the same window, up to PIL's uint8 rounding."""
     image = _stripes()
     scale = (0.25, 0.25)
-    boxes = augment.crop_boxes(4, scale, RATIO, _seed(1)).numpy()
+    boxes = cropping.crop_boxes(4, scale, RATIO, _seed(1)).numpy()
     reference = np.stack([_pil_crop(image, box, size) for box in boxes])
-    ours = augment.crops_of_image(tf.constant(image), 4, size, scale, RATIO,
-                                  _seed(1)).numpy().astype(np.float32)
+    ours = cropping.crops_of_image(tf.constant(image), 4, size, scale, RATIO,
+                                   _seed(1)).numpy().astype(np.float32)
     batched = _batched(image, 4, size, scale, _seed(1))
     for crops in (ours, batched):
         assert np.abs(crops - reference).max() <= 1.5
@@ -98,11 +98,11 @@ def test_photo_crops_match_pil():
     image = _photo()
     height, width = image.shape[:2]
     for size, scale in ((64, (0.08, 1.0)), (224, (0.08, 1.0)), (96, (0.05, 0.14))):
-        boxes = augment.crop_boxes(6, scale, RATIO, _seed(2),
-                                   image_aspect=width / height).numpy()
+        boxes = cropping.crop_boxes(6, scale, RATIO, _seed(2),
+                                    image_aspect=width / height).numpy()
         reference = np.stack([_pil_crop(image, box, size) for box in boxes])
-        ours = augment.crops_of_image(tf.constant(image), 6, size, scale, RATIO,
-                                      _seed(2)).numpy().astype(np.float32)
+        ours = cropping.crops_of_image(tf.constant(image), 6, size, scale, RATIO,
+                                       _seed(2)).numpy().astype(np.float32)
         assert np.abs(ours - reference).mean() < 0.6, size
         assert np.abs(ours - reference).max() <= 2.0, size
         if size == 64:  # mostly shrunk windows: the old crops were further from PIL
@@ -114,7 +114,7 @@ def test_batched_local_crops_of_a_photo_match_pil():
     """Multi-crop local crops of S x S images (96 px from 224 px) are shrunk too."""
     image = np.asarray(Image.fromarray(_photo(40)).resize((224, 224), Image.BILINEAR))
     scale = (0.05, 0.4)
-    boxes = augment.crop_boxes(8, scale, RATIO, _seed(3)).numpy()
+    boxes = cropping.crop_boxes(8, scale, RATIO, _seed(3)).numpy()
     reference = np.stack([_pil_crop(image, box, 96) for box in boxes])
     batched = _batched(image, 8, 96, scale, _seed(3))
     assert np.abs(batched - reference).mean() < 0.6
@@ -126,8 +126,8 @@ def test_same_seed_same_crops():
     for path in ("one image", "batched"):
         if path == "one image":
             def crops(seed):
-                return augment.crops_of_image(tf.constant(image), 5, 48, (0.08, 1.0), RATIO,
-                                              seed).numpy()
+                return cropping.crops_of_image(tf.constant(image), 5, 48, (0.08, 1.0), RATIO,
+                                               seed).numpy()
         else:
             def crops(seed):
                 return _batched(image, 5, 48, (0.08, 1.0), seed)
@@ -139,12 +139,12 @@ def test_same_seed_same_crops():
 def test_crops_inside_tf_data_are_static_and_deterministic():
     image = tf.constant(_stripes(64))
     ds = tf.data.Dataset.range(4).map(
-        lambda i: augment.crops_of_image(image, 2, 24, (0.08, 1.0), RATIO,
-                                         tf.stack([tf.constant(3, tf.int64), i])),
+        lambda i: cropping.crops_of_image(image, 2, 24, (0.08, 1.0), RATIO,
+                                          tf.stack([tf.constant(3, tf.int64), i])),
         num_parallel_calls=2)
     assert ds.element_spec.shape == (2, 24, 24, 3)
     batched = tf.data.Dataset.from_tensors(tf.cast(tf.stack([image] * 3), tf.float32)).map(
-        lambda x: augment.random_resized_crop(x, 16, (0.05, 0.14), RATIO, _seed(6)))
+        lambda x: cropping.random_resized_crop(x, 16, (0.05, 0.14), RATIO, _seed(6)))
     assert batched.element_spec.shape == (3, 16, 16, 3)
     first, again = list(ds.as_numpy_iterator()), list(ds.as_numpy_iterator())
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
@@ -161,13 +161,13 @@ def test_upscaled_crops_stay_close_to_the_old_bilinear_ones():
         y, x = np.mgrid[0:32, 0:32] / 31.0
         image = np.round(255 * np.stack([x, y, (x + y) / 2], -1)).astype(np.uint8)
     images = tf.constant(np.repeat(image[None], 64, 0), tf.float32) / 255.0
-    scale = augment.STRONG.crop_scale
-    boxes = augment.crop_boxes(64, scale, RATIO, _seed(7))
-    new = augment.random_resized_crop(images, 32, scale, RATIO, _seed(7)).numpy()
+    scale = recipe.STRONG.crop_scale
+    boxes = cropping.crop_boxes(64, scale, RATIO, _seed(7))
+    new = cropping.random_resized_crop(images, 32, scale, RATIO, _seed(7)).numpy()
     old = tf.image.crop_and_resize(images, boxes, tf.range(64), [32, 32]).numpy()
     assert np.abs(new - old).mean() < 0.03  # in [0, 1] units
     # The whole image at its own size is still the identity.
-    same = augment.random_resized_crop(images[:2], 32, (1.0, 1.0), (1.0, 1.0), _seed(8))
+    same = cropping.random_resized_crop(images[:2], 32, (1.0, 1.0), (1.0, 1.0), _seed(8))
     np.testing.assert_allclose(same.numpy(), images[:2].numpy(), atol=1e-5)
     # And it is exactly PIL's bilinear (up to PIL's rounding) on every window.
     reference = np.stack([_pil_crop(image, box, 32) for box in boxes.numpy()])
@@ -179,9 +179,9 @@ def test_upscaled_full_resolution_crop_is_close_to_the_old_one():
     image = _photo(7)
     height, width = image.shape[:2]
     scale = (0.08, 0.1)  # windows of ~100-150 px, enlarged
-    boxes = augment.crop_boxes(3, scale, RATIO, _seed(9), image_aspect=width / height)
-    new = augment.crops_of_image(tf.constant(image), 3, 224, scale, RATIO,
-                                 _seed(9)).numpy().astype(np.float32)
+    boxes = cropping.crop_boxes(3, scale, RATIO, _seed(9), image_aspect=width / height)
+    new = cropping.crops_of_image(tf.constant(image), 3, 224, scale, RATIO,
+                                  _seed(9)).numpy().astype(np.float32)
     old = _old_crops(image, boxes, 224)
     assert np.abs(new - old).mean() < 3.0  # grey levels
 
@@ -194,7 +194,7 @@ def test_every_batched_path_is_pil_bilinear(side, size):
     all are PIL's resize of the window."""
     image = np.random.default_rng(side + size).integers(0, 256, (side, side, 3))
     image = image.astype(np.uint8)
-    boxes = augment.crop_boxes(6, (0.08, 1.0), RATIO, _seed(10)).numpy()
+    boxes = cropping.crop_boxes(6, (0.08, 1.0), RATIO, _seed(10)).numpy()
     reference = np.stack([_pil_crop(image, box, size) for box in boxes])
     batched = _batched(image, 6, size, (0.08, 1.0), _seed(10))
     assert batched.shape == (6, size, size, 3)
@@ -216,12 +216,12 @@ def test_banded_and_window_by_window_crops_are_pil_bilinear(shape, count, size, 
     height, width = shape
     image = np.random.default_rng(height).integers(0, 256, (height, width, 3)).astype(np.uint8)
     seed = _seed(height)
-    boxes = augment.crop_boxes(count, scale, RATIO, seed, image_aspect=width / height).numpy()
+    boxes = cropping.crop_boxes(count, scale, RATIO, seed, image_aspect=width / height).numpy()
     reference = np.stack([_pil_crop(image, box, size) for box in boxes])
-    banded = augment.crops_of_image(tf.constant(image), count, size, scale, RATIO, seed)
-    monkeypatch.setattr(augment, "_BANDED_MAX_PIXELS", 0)
-    window_by_window = augment.crops_of_image(tf.constant(image), count, size, scale, RATIO,
-                                              seed)
+    banded = cropping.crops_of_image(tf.constant(image), count, size, scale, RATIO, seed)
+    monkeypatch.setattr(cropping, "_BANDED_MAX_PIXELS", 0)
+    window_by_window = cropping.crops_of_image(tf.constant(image), count, size, scale, RATIO,
+                                               seed)
     banded, window_by_window = (c.numpy().astype(np.float32) for c in (banded, window_by_window))
     assert banded.shape == (count, size, size, 3)
     assert np.abs(banded - window_by_window).max() <= 1.0

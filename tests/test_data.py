@@ -10,7 +10,8 @@ import tensorflow as tf
 from conftest import SHARED_TFDS
 
 from wcl_tf.config import Config
-from wcl_tf.data import augment, eval_input, pipeline, sources
+from wcl_tf.data import (cropping, eval_input, photometric, pipeline, recipe, sources,
+                         view_assembly)
 from wcl_tf.data.sources import DataError
 
 SIZE = 16  # image side for augmentation / pipeline tests (fast on 2 cores)
@@ -145,12 +146,12 @@ def test_cifar10_from_shared_tfds():
 # --- augmentation --------------------------------------------------------------------
 
 def test_recipes_match_spec():
-    assert augment.STRONG.crop_scale == (0.08, 1.0) and augment.WEAK.crop_scale == (0.2, 1.0)
-    assert (augment.STRONG.brightness, augment.STRONG.contrast, augment.STRONG.saturation,
-            augment.STRONG.hue) == (0.8, 0.8, 0.8, 0.2)
-    assert (augment.WEAK.brightness, augment.WEAK.contrast, augment.WEAK.saturation,
-            augment.WEAK.hue) == (0.4, 0.4, 0.4, 0.1)
-    for spec in (augment.STRONG, augment.WEAK):
+    assert recipe.STRONG.crop_scale == (0.08, 1.0) and recipe.WEAK.crop_scale == (0.2, 1.0)
+    assert (recipe.STRONG.brightness, recipe.STRONG.contrast, recipe.STRONG.saturation,
+            recipe.STRONG.hue) == (0.8, 0.8, 0.8, 0.2)
+    assert (recipe.WEAK.brightness, recipe.WEAK.contrast, recipe.WEAK.saturation,
+            recipe.WEAK.hue) == (0.4, 0.4, 0.4, 0.1)
+    for spec in (recipe.STRONG, recipe.WEAK):
         assert (spec.jitter_prob, spec.grayscale_prob, spec.blur_prob) == (0.8, 0.2, 0.5)
         assert spec.crop_ratio == pytest.approx((3 / 4, 4 / 3))
 
@@ -158,8 +159,8 @@ def test_recipes_match_spec():
 @pytest.mark.parametrize("strong", [True, False])
 def test_views_shape_dtype_range_and_differ(strong):
     images = _mnist_batch(8)
-    view_1, view_2 = augment.two_views(images, tf.constant(strong), SIZE,
-                                       seed=tf.constant([1, 2], tf.int64))
+    view_1, view_2 = view_assembly.two_views(images, tf.constant(strong), SIZE,
+                                             seed=tf.constant([1, 2], tf.int64))
     for view in (view_1, view_2):
         assert view.shape == (8, SIZE, SIZE, 3) and view.dtype == tf.float32
         assert float(tf.reduce_min(view)) >= 0.0 and float(tf.reduce_max(view)) <= 1.0
@@ -170,8 +171,8 @@ def test_views_shape_dtype_range_and_differ(strong):
 
 def test_flip_is_per_image():
     images = _coordinate_images(32, size=SIZE)
-    view_1, view_2 = augment.two_views(images, False, SIZE, weak_spec=WEAK_ID,
-                                       seed=tf.constant([0, 5], tf.int64))
+    view_1, view_2 = view_assembly.two_views(images, False, SIZE, weak_spec=WEAK_ID,
+                                             seed=tf.constant([0, 5], tf.int64))
     view_1, view_2 = view_1.numpy(), view_2.numpy()
     identical = np.abs(view_1 - view_2).max(axis=(1, 2, 3)) < 1e-4
     mirrored = np.abs(view_1 - view_2[:, :, ::-1]).max(axis=(1, 2, 3)) < 1e-4
@@ -183,7 +184,7 @@ def test_views_in_tf_data_are_static_and_random_per_image_and_call():
     one = _mnist_batch(1)
     same = tf.tile(one, [8, 1, 1, 1])  # 8 copies of one image
     ds = tf.data.Dataset.from_tensors(same).repeat(2).map(
-        lambda images: augment.two_views(images, tf.constant(True), SIZE, blur=True),
+        lambda images: view_assembly.two_views(images, tf.constant(True), SIZE, blur=True),
         num_parallel_calls=2)
     assert ds.element_spec[0].shape == (8, SIZE, SIZE, 3)  # static, blur path included
     (first, _), (second, _) = list(ds)
@@ -194,17 +195,17 @@ def test_views_in_tf_data_are_static_and_random_per_image_and_call():
 
 def test_crop_identity_and_weak_crops_keep_more_than_strong():
     images = tf.cast(_coordinate_images(4), tf.float32) / 255.0
-    same = augment.random_resized_crop(images, 32, (1.0, 1.0), (1.0, 1.0),
-                                       tf.constant([0, 1], tf.int64))
+    same = cropping.random_resized_crop(images, 32, (1.0, 1.0), (1.0, 1.0),
+                                        tf.constant([0, 1], tf.int64))
     np.testing.assert_allclose(same.numpy(), images.numpy(), atol=1e-5)
 
     coords = _coordinate_images(256)
     areas = {}
     for name, strong in (("strong", True), ("weak", False)):
-        view, _ = augment.two_views(coords, tf.constant(strong), 32,
-                                    seed=tf.constant([3, 4], tf.int64),
-                                    strong_spec=_crop_only(augment.STRONG),
-                                    weak_spec=_crop_only(augment.WEAK))
+        view, _ = view_assembly.two_views(coords, tf.constant(strong), 32,
+                                          seed=tf.constant([3, 4], tf.int64),
+                                          strong_spec=_crop_only(recipe.STRONG),
+                                          weak_spec=_crop_only(recipe.WEAK))
         view = view.numpy()
         # Covered fraction of each axis, from the coordinate ramps (flip-invariant).
         width = view[..., 0].max(axis=(1, 2)) - view[..., 0].min(axis=(1, 2))
@@ -229,8 +230,8 @@ def test_color_jitter_blends_have_torchvision_meaning(operation):
     inputs = tf.random.stateless_uniform([16, 6, 6, 3], [1, 2], 0.2, 0.5)
     strengths = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
     strengths[operation] = 0.8
-    outputs = augment.color_jitter(inputs, seed=tf.constant([3, 4], tf.int64),
-                                   **strengths).numpy()
+    outputs = photometric.color_jitter(inputs, seed=tf.constant([3, 4], tf.int64),
+                                       **strengths).numpy()
     inputs = inputs.numpy()
     gray = (inputs * np.array([0.299, 0.587, 0.114], np.float32)).sum(-1, keepdims=True)
     targets = {"brightness": np.zeros_like(inputs),
@@ -245,8 +246,8 @@ def test_color_jitter_blends_have_torchvision_meaning(operation):
 
 def test_color_jitter_hue_keeps_value_and_chroma():
     inputs = tf.random.stateless_uniform([16, 6, 6, 3], [1, 2])
-    outputs = augment.color_jitter(inputs, 0.0, 0.0, 0.0, 0.2,
-                                   tf.constant([3, 4], tf.int64)).numpy()
+    outputs = photometric.color_jitter(inputs, 0.0, 0.0, 0.0, 0.2,
+                                       tf.constant([3, 4], tf.int64)).numpy()
     inputs = inputs.numpy()
     # An HSV hue rotation keeps each pixel's max and min channel values.
     np.testing.assert_allclose(outputs.max(-1), inputs.max(-1), atol=1e-5)
@@ -257,13 +258,13 @@ def test_color_jitter_hue_keeps_value_and_chroma():
 def test_color_jitter_identity_and_grayscale():
     images = tf.random.stateless_uniform([4, 8, 8, 3], [5, 6])
     seed = tf.constant([7, 8], tf.int64)
-    same = augment.color_jitter(images, 0.0, 0.0, 0.0, 0.0, seed)
+    same = photometric.color_jitter(images, 0.0, 0.0, 0.0, 0.0, seed)
     np.testing.assert_allclose(same.numpy(), images.numpy(), atol=1e-5)
-    jittered = augment.color_jitter(images, 0.8, 0.8, 0.8, 0.2, seed)
+    jittered = photometric.color_jitter(images, 0.8, 0.8, 0.8, 0.2, seed)
     assert float(tf.reduce_mean(tf.abs(jittered - images))) > 0.03
-    gray_spec = dataclasses.replace(augment.STRONG, grayscale_prob=1.0)
-    view, _ = augment.two_views(tf.cast(images * 255.0, tf.uint8), True, 8, seed=seed,
-                                strong_spec=gray_spec)
+    gray_spec = dataclasses.replace(recipe.STRONG, grayscale_prob=1.0)
+    view, _ = view_assembly.two_views(tf.cast(images * 255.0, tf.uint8), True, 8, seed=seed,
+                                      strong_spec=gray_spec)
     np.testing.assert_allclose(view[..., 0], view[..., 2], atol=1e-5)
 
 
@@ -297,9 +298,9 @@ def test_use_strong_augmentation_switches_after_warmup():
 
 # Distinguishable recipes: WEAK_ID leaves images intact (full crop, no colour), so the
 # two views of a weak batch are equal up to a flip; STRONG_SMALL crops 5% of the image.
-WEAK_ID = dataclasses.replace(augment.WEAK, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+WEAK_ID = dataclasses.replace(recipe.WEAK, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
                               jitter_prob=0.0, grayscale_prob=0.0)
-STRONG_SMALL = dataclasses.replace(augment.STRONG, crop_scale=(0.05, 0.05))
+STRONG_SMALL = dataclasses.replace(recipe.STRONG, crop_scale=(0.05, 0.05))
 
 
 def _equal_up_to_flip(view_1, view_2):

@@ -19,11 +19,11 @@ import tensorflow as tf
 from PIL import Image
 
 from wcl_tf.config import Config
-from wcl_tf.data import augment, eval_input, folder, pipeline, sources
+from wcl_tf.data import eval_input, folder, pipeline, recipe, sources
 from wcl_tf.models.wcl_model import build_wcl_model
 
 CLASSES, PER_CLASS = 10, 40
-IDENTITY = dataclasses.replace(augment.WEAK, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+IDENTITY = dataclasses.replace(recipe.WEAK, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
                                jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
 
 

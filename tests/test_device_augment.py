@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from wcl_tf import training
 from wcl_tf.config import Config
-from wcl_tf.data import augment, augment_layers, pipeline
+from wcl_tf.data import augment_layers, photometric, pipeline, recipe, view_assembly
 
 S, L = 16, 8
 
@@ -55,7 +55,7 @@ def test_device_pipeline_yields_the_host_pipelines_crops(image_size, num_local):
         assert set(d) == set(h)
         seed = tf.constant([cfg.seed, k], tf.int64)
         strong = k >= 4  # weak_aug_epochs=1, 4 steps per epoch
-        again = augment.cropped_views(d, strong, image_size, L, seed=seed)
+        again = view_assembly.cropped_views(d, strong, image_size, L, seed=seed)
         for key in h:
             if image_size == S:  # Cut per image from 28 px: uint8 on both paths.
                 # Equal up to float rounding (tf.data fuses ops differently).
@@ -83,8 +83,8 @@ def test_same_seed_same_views_and_each_step_its_own():
         assert not np.allclose(a[key].numpy(), c[key].numpy())
         assert not np.allclose(a[key].numpy(), other_seed[key].numpy())
     # What the host path computes for the same crops with the replica's seed.
-    host = augment.cropped_views(crops, True, S, L, blur=True,
-                                 seed=augment_layers.replica_seed(5, 7, 0))
+    host = view_assembly.cropped_views(crops, True, S, L, blur=True,
+                                       seed=augment_layers.replica_seed(5, 7, 0))
     for key in crops:
         np.testing.assert_array_equal(a[key].numpy(), host[key].numpy())
 
@@ -92,8 +92,8 @@ def test_same_seed_same_views_and_each_step_its_own():
 def test_weak_recipe_until_weak_aug_epochs_then_strong():
     """Distinguishable recipes: the weak one never jitters or grays, the strong one always
     grays. Steps 0-3 are epoch 0 (weak), step 4 on strong."""
-    weak = dataclasses.replace(augment.WEAK, jitter_prob=0.0, grayscale_prob=0.0)
-    strong = dataclasses.replace(augment.STRONG, jitter_prob=0.0, grayscale_prob=1.0)
+    weak = dataclasses.replace(recipe.WEAK, jitter_prob=0.0, grayscale_prob=0.0)
+    strong = dataclasses.replace(recipe.STRONG, jitter_prob=0.0, grayscale_prob=1.0)
     layer = augment_layers.ViewAugmentation(S, seed=1, weak_aug_epochs=1, strong_spec=strong,
                                             weak_spec=weak)
     crops = {"view_1": _colour_crops(8, S), "view_2": _colour_crops(8, S, 1)}
@@ -121,7 +121,7 @@ def test_device_views_have_the_host_paths_per_op_statistics():
     device, host = [], []
     for step in range(4):
         device.append(layer(crops, step=step, steps_per_epoch=4)["view_1"].numpy())
-        host.append(augment.cropped_views(crops, True, S, seed=tf.constant([9, step]))
+        host.append(view_assembly.cropped_views(crops, True, S, seed=tf.constant([9, step]))
                     ["view_1"].numpy())
     d_gray, d_flip, d_mean = _op_rates(np.concatenate(device), crops)
     h_gray, h_flip, h_mean = _op_rates(np.concatenate(host), crops)
@@ -139,8 +139,8 @@ def test_static_shape_jitter_matches_the_gathered_one():
     images = tf.cast(_colour_crops(16, S), tf.float32) / 255.0
     seed = tf.constant([4, 2], tf.int64)
     args = (0.8, 0.8, 0.8, 0.2, seed)
-    dynamic = augment.color_jitter(images, *args)
-    static = augment.color_jitter(images, *args, static_shapes=True)
+    dynamic = photometric.color_jitter(images, *args)
+    static = photometric.color_jitter(images, *args, static_shapes=True)
     np.testing.assert_allclose(static.numpy(), dynamic.numpy(), atol=1e-5)
     # Under XLA the stateless generators draw other numbers for the same seed (their XLA
     # kernels differ from TensorFlow's): test_device_augmentation_compiles_with_xla
@@ -166,7 +166,7 @@ def test_two_replicas_draw_different_views(two_replica_strategy):
     again = two_replica_strategy.experimental_local_results(augment_on_replicas()["view_1"])
     np.testing.assert_array_equal(again[0].numpy(), views[0])
     # Replica r's views are replica_seed(seed, step, r)'s, as documented.
-    expected = augment.cropped_views(crops, False, S, seed=augment_layers.replica_seed(
+    expected = view_assembly.cropped_views(crops, False, S, seed=augment_layers.replica_seed(
         cfg.seed, 0, 1))["view_1"]
     np.testing.assert_allclose(views[1], expected.numpy(), atol=1e-5)
 
@@ -224,12 +224,12 @@ def test_ops_on_chosen_rows_only_equal_the_select_path(prob):
     """The host path computes each op only for the images drawn for it (gather, op,
     scatter); the static-shape path computes it for all and selects. Same draws, same
     views, also when no image or every image is drawn (an empty gather)."""
-    spec = dataclasses.replace(augment.STRONG, jitter_prob=prob, grayscale_prob=prob,
+    spec = dataclasses.replace(recipe.STRONG, jitter_prob=prob, grayscale_prob=prob,
                                blur_prob=prob)
     images = tf.cast(_colour_crops(6, S), tf.float32) / 255.0
     seed = tf.constant([8, 1], tf.int64)
-    rows = augment.photometric(images, spec, seed, blur_kernel=5)
-    select = augment.photometric(images, spec, seed, blur_kernel=5, static_shapes=True)
+    rows = photometric.photometric(images, spec, seed, blur_kernel=5)
+    select = photometric.photometric(images, spec, seed, blur_kernel=5, static_shapes=True)
     np.testing.assert_allclose(rows.numpy(), select.numpy(), atol=1e-5)
     if prob == 0.0:  # Only the flip: every image is itself or its mirror.
         for out, image in zip(rows.numpy(), images.numpy()):

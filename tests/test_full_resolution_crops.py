@@ -10,7 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 from wcl_tf.config import Config
-from wcl_tf.data import augment, pipeline
+from wcl_tf.data import cropping, pipeline
 
 
 def _seed(i):
@@ -21,8 +21,8 @@ def _seed(i):
 def test_crop_boxes_have_the_asked_pixel_aspect_and_area(image_aspect):
     height_px = 60.0
     width_px = height_px * image_aspect
-    boxes = augment.crop_boxes(500, (0.1, 0.3), (1.0, 1.0), _seed(0),
-                               image_aspect=image_aspect).numpy()
+    boxes = cropping.crop_boxes(500, (0.1, 0.3), (1.0, 1.0), _seed(0),
+                                image_aspect=image_aspect).numpy()
     top, left, bottom, right = boxes.T
     h, w = (bottom - top) * height_px, (right - left) * width_px
     np.testing.assert_allclose(w / h, 1.0, rtol=1e-4)  # square crops in pixels
@@ -36,12 +36,12 @@ def test_crop_of_a_wide_image_is_not_stretched():
     full height can only be a third of the width; a squashed copy would mix both."""
     image = np.full((30, 90, 3), 255, np.uint8)
     image[:, :30] = 0
-    crops = augment.crops_of_image(tf.constant(image), 200, 16, (1 / 3, 1 / 3), (1.0, 1.0),
-                                   _seed(1)).numpy()
+    crops = cropping.crops_of_image(tf.constant(image), 200, 16, (1 / 3, 1 / 3), (1.0, 1.0),
+                                    _seed(1)).numpy()
     assert crops.shape == (200, 16, 16, 3) and crops.dtype == np.uint8
     # Every crop is a full-height 30x30 window: its black fraction is (30 - left) / 30.
-    boxes = augment.crop_boxes(200, (1 / 3, 1 / 3), (1.0, 1.0), _seed(1),
-                               image_aspect=3.0).numpy()
+    boxes = cropping.crop_boxes(200, (1 / 3, 1 / 3), (1.0, 1.0), _seed(1),
+                                image_aspect=3.0).numpy()
     np.testing.assert_allclose(boxes[:, 2] - boxes[:, 0], 1.0, atol=1e-5)
     black = (crops[..., 0] < 128).mean(axis=(1, 2))
     expected = np.clip((30 - boxes[:, 1] * 90) / 30, 0, 1)

@@ -1,5 +1,5 @@
-"""Fused decode and crop of JPEGs (augment.crops_of_jpeg / crops_of_encoded): the same crop
-windows as the full-decode path (augment.crops_of_image), only each window decoded.
+"""Fused decode and crop of JPEGs (cropping.crops_of_jpeg / crops_of_encoded): the same crop
+windows as the full-decode path (cropping.crops_of_image), only each window decoded.
 
 The windows must be the full-decode path's exactly (same boxes for the same seed); the crops
 may differ only by libjpeg's decoding of a cropped region, bounded here (measured: identical
@@ -15,7 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from wcl_tf.config import Config
-from wcl_tf.data import augment, folder, pipeline
+from wcl_tf.data import cropping, folder, pipeline
 
 PHOTOS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                       "photos"))
@@ -53,16 +53,16 @@ def _assert_same_windows(contents, seed, size, scale):
     header = tf.image.extract_jpeg_shape(contents)
     np.testing.assert_array_equal(header.numpy()[:2], tf.shape(decoded).numpy()[:2])
     full_shape = tf.shape(decoded)
-    boxes_full = augment.crop_boxes(4, scale, RATIO, seed, image_aspect=tf.cast(
+    boxes_full = cropping.crop_boxes(4, scale, RATIO, seed, image_aspect=tf.cast(
         full_shape[1], tf.float32) / tf.cast(full_shape[0], tf.float32))
-    boxes_header = augment.crop_boxes(4, scale, RATIO, seed, image_aspect=tf.cast(
+    boxes_header = cropping.crop_boxes(4, scale, RATIO, seed, image_aspect=tf.cast(
         header[1], tf.float32) / tf.cast(header[0], tf.float32))
     np.testing.assert_array_equal(boxes_full.numpy(), boxes_header.numpy())
     # _window_geometry is private: the fused decode must cut the very window the full
     # decode resamples, and only the geometry function says which that is.
     for box in boxes_full:
-        full = augment._window_geometry(box, size, full_shape[0], full_shape[1])
-        fused = augment._window_geometry(box, size, header[0], header[1])
+        full = cropping._window_geometry(box, size, full_shape[0], full_shape[1])
+        fused = cropping._window_geometry(box, size, header[0], header[1])
         np.testing.assert_array_equal(np.array(full[0]), np.array(fused[0]))
         window = np.array(full[0])
         assert (window[:2] >= 0).all() and window[2] > 0 and window[3] > 0
@@ -70,8 +70,8 @@ def _assert_same_windows(contents, seed, size, scale):
 
 
 def _compare(contents, seed, size, scale):
-    expected = augment.crops_of_image(folder.decode(contents), 4, size, scale, RATIO, seed)
-    fused = augment.crops_of_encoded(contents, 4, size, scale, RATIO, seed)
+    expected = cropping.crops_of_image(folder.decode(contents), 4, size, scale, RATIO, seed)
+    fused = cropping.crops_of_encoded(contents, 4, size, scale, RATIO, seed)
     assert fused.dtype == tf.uint8 and fused.shape == expected.shape == (4, size, size, 3)
     diff = np.abs(fused.numpy().astype(int) - expected.numpy().astype(int))
     assert diff.mean() < MEAN_ABS_BOUND, (diff.mean(), diff.max())
@@ -105,9 +105,9 @@ def test_png_falls_back_to_full_decode_identically():
     contents = tf.io.encode_png(tf.constant(_generated_image(201, 299)))
     assert not tf.io.is_jpeg(contents)
     seed = tf.constant([4, 2], tf.int64)
-    expected = augment.crops_of_image(folder.decode(contents), 3, 64, (0.08, 1.0), RATIO, seed)
+    expected = cropping.crops_of_image(folder.decode(contents), 3, 64, (0.08, 1.0), RATIO, seed)
     np.testing.assert_array_equal(
-        augment.crops_of_encoded(contents, 3, 64, (0.08, 1.0), RATIO, seed).numpy(),
+        cropping.crops_of_encoded(contents, 3, 64, (0.08, 1.0), RATIO, seed).numpy(),
         expected.numpy())
 
 
@@ -117,9 +117,9 @@ def test_whole_image_crop_equals_full_decode():
     seed = tf.constant([0, 0], tf.int64)
     # Scale (1, 1) at ratio 1 never fits a non-square image: the fallback is used.
     diff = np.abs(
-        augment.crops_of_encoded(contents, 1, 128, (1.0, 1.0), (1.0, 1.0), seed).numpy()
-        .astype(int) - augment.crops_of_image(folder.decode(contents), 1, 128, (1.0, 1.0),
-                                              (1.0, 1.0), seed).numpy().astype(int))
+        cropping.crops_of_encoded(contents, 1, 128, (1.0, 1.0), (1.0, 1.0), seed).numpy()
+        .astype(int) - cropping.crops_of_image(folder.decode(contents), 1, 128, (1.0, 1.0),
+                                               (1.0, 1.0), seed).numpy().astype(int))
     assert diff.mean() < MEAN_ABS_BOUND
 
 
@@ -162,9 +162,9 @@ def test_pipeline_on_jpeg_folder(tmp_path, monkeypatch, local):
         assert 0.0 <= a["view_1"].min() and a["view_1"].max() <= 1.0
 
     def full_decode(contents, count, size, scale, ratio, seed):
-        return augment.crops_of_image(folder.decode(contents), count, size, scale, ratio, seed)
+        return cropping.crops_of_image(folder.decode(contents), count, size, scale, ratio, seed)
 
-    monkeypatch.setattr(augment, "crops_of_encoded", full_decode)
+    monkeypatch.setattr(cropping, "crops_of_encoded", full_decode)
     reference = _views(cfg)
     for a, b in zip(first, reference):
         for key in a:
@@ -179,9 +179,9 @@ def test_pipeline_on_png_folder_is_unchanged(tmp_path, monkeypatch):
     fused = _views(cfg, 2)
 
     def full_decode(contents, count, size, scale, ratio, seed):
-        return augment.crops_of_image(folder.decode(contents), count, size, scale, ratio, seed)
+        return cropping.crops_of_image(folder.decode(contents), count, size, scale, ratio, seed)
 
-    monkeypatch.setattr(augment, "crops_of_encoded", full_decode)
+    monkeypatch.setattr(cropping, "crops_of_encoded", full_decode)
     for a, b in zip(fused, _views(cfg, 2)):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
@@ -195,13 +195,13 @@ def test_r50_shaped_input_on_two_replicas(fake_imagenet, two_replica_strategy, m
     import fake_imagenet as stand_in  # pylint: disable=import-outside-toplevel
 
     encoded = []
-    original = augment.crops_of_encoded
+    original = cropping.crops_of_encoded
 
     def spy(contents, *args, **kwargs):
         encoded.append(contents.dtype)
         return original(contents, *args, **kwargs)
 
-    monkeypatch.setattr(augment, "crops_of_encoded", spy)
+    monkeypatch.setattr(cropping, "crops_of_encoded", spy)
     cfg = Config(dataset=stand_in.NAME, data_dir=fake_imagenet, image_size=224,
                  num_local_crops=6, local_crop_size=96, local_crop_scale=(0.05, 0.14),
                  global_crop_scale=(0.14, 1.0), knn_crops=4, global_batch_size=4,

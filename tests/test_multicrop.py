@@ -9,7 +9,7 @@ import reference
 from wcl_tf import losses
 from wcl_tf import weak_labels as wl
 from wcl_tf.config import Config, ConfigError
-from wcl_tf.data import augment, pipeline
+from wcl_tf.data import pipeline, view_assembly
 from wcl_tf.models.wcl_model import build_wcl_model
 
 N, S, M, L = 8, 16, 3, 8
@@ -126,8 +126,8 @@ def test_two_replicas_equal_one_replica(two_replica_strategy):
 def test_multi_crop_views_shapes_and_scales():
     rng = np.random.default_rng(0)
     images = tf.constant(rng.integers(0, 256, size=(4, 32, 32, 3)), tf.uint8)
-    views = augment.multi_crop_views(images, True, 32, num_local=5, local_size=12,
-                                     seed=tf.constant([1, 2], tf.int64))
+    views = view_assembly.multi_crop_views(images, True, 32, num_local=5, local_size=12,
+                                           seed=tf.constant([1, 2], tf.int64))
     assert views["view_1"].shape == (4, 32, 32, 3)
     assert views["local"].shape == (4, 5, 12, 12, 3)
     local = views["local"].numpy()

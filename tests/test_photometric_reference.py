@@ -4,7 +4,7 @@ blends (brightness blends with black, contrast with the mean of the ITU-R 601 gr
 saturation with each pixel's gray level, clamp to [0, 1] after each operation, per-image
 random order), np.pad(mode="reflect") and a separable Gaussian for the blur.
 
-The draws (factors, order, masks, sigma) are taken from augment's own draw functions, so
+The draws (factors, order, masks, sigma) are taken from wcl_tf's own draw functions, so
 these tests check the formulas of the channel-plane jitter, the hue shift, keras-cv's
 grayscale and the concatenated reflect padding, in the host form, the static-shape form
 and under XLA.
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from wcl_tf.data import augment
+from wcl_tf.data import photometric, recipe
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float64)
 KERAS_CV_LUMA = np.array([0.2989, 0.5870, 0.1140], np.float64)
@@ -73,21 +73,21 @@ def _blur_reference(image, kernel_size, sigma):
 def _photometric_reference(images, spec, seed, blur_kernel):
     """photometric's recipe with its draws, in NumPy."""
     (_, jitter_seed, jitter_p_seed, gray_p_seed, blur_p_seed, sigma_seed,
-     flip_seed) = augment._split(seed, 7)
+     flip_seed) = recipe._split(seed, 7)
     b = len(images)
-    draws = [d.numpy() for d in augment._jitter_draws(
+    draws = [d.numpy() for d in photometric._jitter_draws(
         b, spec.brightness, spec.contrast, spec.saturation, spec.hue, jitter_seed)]
     out = images.astype(np.float64)
-    jitter = augment._chosen(spec.jitter_prob, jitter_p_seed, b).numpy()
+    jitter = photometric._chosen(spec.jitter_prob, jitter_p_seed, b).numpy()
     out[jitter] = _jitter_reference(images[jitter], *[d[jitter] for d in draws])
-    gray = augment._chosen(spec.grayscale_prob, gray_p_seed, b).numpy()
+    gray = photometric._chosen(spec.grayscale_prob, gray_p_seed, b).numpy()
     out[gray] = (out[gray] * KERAS_CV_LUMA).sum(-1, keepdims=True)
     if blur_kernel:
-        sigma = augment._uniform([b], sigma_seed, *augment.BLUR_SIGMA).numpy()
-        blur = augment._chosen(spec.blur_prob, blur_p_seed, b).numpy()
+        sigma = recipe._uniform([b], sigma_seed, *recipe.BLUR_SIGMA).numpy()
+        blur = photometric._chosen(spec.blur_prob, blur_p_seed, b).numpy()
         for i in np.flatnonzero(blur):
             out[i] = _blur_reference(out[i], blur_kernel, sigma[i])
-    flip = augment._chosen(0.5, flip_seed, b).numpy()
+    flip = photometric._chosen(0.5, flip_seed, b).numpy()
     out[flip] = out[flip][:, :, ::-1]
     return np.clip(out, 0.0, 1.0)
 
@@ -97,9 +97,9 @@ def test_color_jitter_matches_the_numpy_reference(static_shapes):
     images = _images(12, 7, 9)
     seed = tf.constant([5, 9], tf.int64)
     strengths = (0.8, 0.8, 0.8, 0.5)
-    draws = [d.numpy() for d in augment._jitter_draws(12, *strengths, seed)]
-    out = augment.color_jitter(tf.constant(images), *strengths, seed,
-                               static_shapes=static_shapes).numpy()
+    draws = [d.numpy() for d in photometric._jitter_draws(12, *strengths, seed)]
+    out = photometric.color_jitter(tf.constant(images), *strengths, seed,
+                                   static_shapes=static_shapes).numpy()
     assert out.min() >= 0.0 and out.max() <= 1.0
     np.testing.assert_allclose(out, _jitter_reference(images, *draws), atol=1e-5)
 
@@ -107,8 +107,8 @@ def test_color_jitter_matches_the_numpy_reference(static_shapes):
 def test_hue_shift_matches_colorsys_and_keeps_gray_pixels():
     images = _images(6, 5, 5, seed=1)
     shift = np.array([-0.5, -0.2, 0.0, 0.1, 0.35, 0.5], np.float32)
-    planes = augment._shift_hue(augment._planes(tf.constant(images)), tf.constant(shift))
-    out = augment._from_planes(planes).numpy()
+    planes = photometric._shift_hue(photometric._planes(tf.constant(images)), tf.constant(shift))
+    out = photometric._from_planes(planes).numpy()
     expected = np.stack([_hue_reference(image, s) for image, s in zip(images, shift)])
     np.testing.assert_allclose(out, expected, atol=2e-6)
     np.testing.assert_array_equal(out[:, 1, 0], images[:, 1, 0])  # gray: unchanged
@@ -119,9 +119,9 @@ def test_hue_shift_matches_colorsys_and_keeps_gray_pixels():
 def test_photometric_matches_the_numpy_reference(static_shapes, blur_kernel):
     images = _images(16, 8, 10, seed=2)
     seed = tf.constant([3, 1], tf.int64)
-    out = augment.photometric(tf.constant(images), augment.STRONG, seed, blur_kernel,
-                              static_shapes=static_shapes).numpy()
-    expected = _photometric_reference(images, augment.STRONG, seed, blur_kernel)
+    out = photometric.photometric(tf.constant(images), recipe.STRONG, seed, blur_kernel,
+                                  static_shapes=static_shapes).numpy()
+    expected = _photometric_reference(images, recipe.STRONG, seed, blur_kernel)
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
@@ -129,7 +129,7 @@ def test_photometric_matches_the_numpy_reference(static_shapes, blur_kernel):
 def test_gaussian_blur_reflects_as_numpy(kernel_size):
     images = _images(3, 13, 24, seed=3)  # the kernel's half is at most height - 1
     sigma = np.array([0.1, 0.9, 2.0], np.float32)
-    out = augment.gaussian_blur(tf.constant(images), kernel_size, tf.constant(sigma)).numpy()
+    out = photometric.gaussian_blur(tf.constant(images), kernel_size, tf.constant(sigma)).numpy()
     expected = np.stack([_blur_reference(i, kernel_size, s) for i, s in zip(images, sigma)])
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
@@ -137,12 +137,12 @@ def test_gaussian_blur_reflects_as_numpy(kernel_size):
 def test_photometric_in_tf_data_with_unknown_batch_and_no_image_drawn():
     images = _images(6, 8, 8, seed=4)
     seed = tf.constant([7, 7], tf.int64)
-    none = dataclasses.replace(augment.STRONG, jitter_prob=0.0, grayscale_prob=0.0,
+    none = dataclasses.replace(recipe.STRONG, jitter_prob=0.0, grayscale_prob=0.0,
                                blur_prob=0.0)
-    for spec in (augment.STRONG, none):
+    for spec in (recipe.STRONG, none):
         for static_shapes in (False, True):
             ds = tf.data.Dataset.from_tensor_slices(images).batch(3).map(
-                lambda x, spec=spec, s=static_shapes: augment.photometric(
+                lambda x, spec=spec, s=static_shapes: photometric.photometric(
                     x, spec, seed, 5, static_shapes=s))
             assert ds.element_spec.shape.as_list() in ([None, 8, 8, 3], [3, 8, 8, 3])
             for batch, out in zip((images[:3], images[3:]), ds.as_numpy_iterator()):
@@ -154,8 +154,8 @@ def test_static_jitter_under_xla_matches_the_numpy_reference():
     """Under XLA the stateless draws differ (test_device_augment), so the draws are
     inputs here: the static-shape formulas compile and compute the reference."""
     images = _images(8, 6, 6, seed=5)
-    draws = augment._jitter_draws(8, 0.8, 0.8, 0.8, 0.2, tf.constant([2, 8], tf.int64))
-    compiled = tf.function(lambda x, *d: augment._jitter_with(x, *d, True),
+    draws = photometric._jitter_draws(8, 0.8, 0.8, 0.8, 0.2, tf.constant([2, 8], tf.int64))
+    compiled = tf.function(lambda x, *d: photometric._jitter_with(x, *d, True),
                            jit_compile=True)
     out = compiled(tf.constant(images), *draws).numpy()
     expected = _jitter_reference(images, *[d.numpy() for d in draws])
@@ -168,9 +168,9 @@ def test_static_batch_size_is_kept():
     images = tf.constant(_images(4, 6, 6, seed=6))
     seed = tf.constant([1, 5], tf.int64)
     for static_shapes in (False, True):
-        jitter = tf.function(lambda x, sd, s=static_shapes: augment.color_jitter(
+        jitter = tf.function(lambda x, sd, s=static_shapes: photometric.color_jitter(
             x, 0.8, 0.8, 0.8, 0.2, sd, static_shapes=s))
-        view = tf.function(lambda x, sd, s=static_shapes: augment.photometric(
-            x, augment.STRONG, sd, 3, static_shapes=s))
+        view = tf.function(lambda x, sd, s=static_shapes: photometric.photometric(
+            x, recipe.STRONG, sd, 3, static_shapes=s))
         for fn in (jitter, view):
             assert fn.get_concrete_function(images, seed).output_shapes == [4, 6, 6, 3]

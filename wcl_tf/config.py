@@ -16,7 +16,7 @@ GATHER_GRAD = ("full", "local")
 LR_SCALING = ("sqrt", "linear")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 ON_BAD_IMAGE = ("skip", "fail")
-# Where the photometric augmentation runs (wcl_tf.data.augment.augment_on_device).
+# Where the photometric augmentation runs (wcl_tf.data.view_assembly.augment_on_device).
 AUGMENT_ON = ("auto", "host", "device")
 
 

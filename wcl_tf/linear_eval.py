@@ -37,7 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from wcl_tf.data import augment
+from wcl_tf.data import cropping
 
 MOMENTUM = 0.9
 KERNEL_STDDEV = 0.01
@@ -110,7 +110,7 @@ def train_augment(images, image_size, seed, crop_scale=CROP_SCALE):
         images = tf.cast(images, tf.float32) / 255.0
     images = tf.cast(images, tf.float32)
     seeds = tf.random.experimental.stateless_split(seed, 2)
-    crops = augment.random_resized_crop(images, image_size, crop_scale, CROP_RATIO, seeds[0])
+    crops = cropping.random_resized_crop(images, image_size, crop_scale, CROP_RATIO, seeds[0])
     flip = tf.random.stateless_uniform([tf.shape(crops)[0]], seeds[1]) < 0.5
     crops = tf.where(flip[:, None, None, None], tf.reverse(crops, axis=[2]), crops)
     crops = tf.clip_by_value(crops, 0.0, 1.0)

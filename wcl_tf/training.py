@@ -72,7 +72,8 @@ from wcl_tf import strategy as strategy_lib
 from wcl_tf import warm_start
 from wcl_tf import config as config_lib
 from wcl_tf.config import ConfigError
-from wcl_tf.data import augment, augment_layers, eval_input, folder, pipeline, sources
+from wcl_tf.data import (augment_layers, eval_input, folder, pipeline, sources,
+                         view_assembly)
 from wcl_tf.models.wcl_model import build_wcl_model
 
 class NonFiniteLossError(RuntimeError):
@@ -272,13 +273,13 @@ def build(cfg, strategy, steps_per_epoch):
 
 def augment_side(cfg):
     """Where cfg.augment_on resolves ("auto" included): "device" or "host"."""
-    return "device" if augment.augment_on_device(cfg.augment_on) else "host"
+    return "device" if view_assembly.augment_on_device(cfg.augment_on) else "host"
 
 
 def device_augmentation(cfg):
     """The model's ViewAugmentation when cfg.augment_on resolves to the device (the input
     pipeline then yields uint8 crops), else None."""
-    if not augment.augment_on_device(cfg.augment_on):
+    if not view_assembly.augment_on_device(cfg.augment_on):
         return None
     return augment_layers.ViewAugmentation(
         cfg.image_size, cfg.local_crop_size if cfg.num_local_crops else None, blur=cfg.blur,
@@ -306,8 +307,8 @@ def _monitors(cfg, arrays):
     every = cfg.eval_every_epochs or cfg.epochs
     n = min(cfg.global_batch_size, len(x_train))
     images = tf.cast(tf.round(x_train[:n] * 255.0), tf.uint8)
-    view_1, _ = augment.two_views(images, True, cfg.image_size, cfg.blur,
-                                  seed=tf.constant([cfg.seed, 7], tf.int64))
+    view_1, _ = view_assembly.two_views(images, True, cfg.image_size, cfg.blur,
+                                        seed=tf.constant([cfg.seed, 7], tf.int64))
     return [
         callbacks_lib.KNNMonitor(arrays[0], arrays[1], num_classes, every=every,
                                  k=cfg.knn_k, temperature=cfg.knn_temperature),

@@ -5,7 +5,7 @@ cropped on the host, 4x fewer bytes to feed than float views) and `WCLModel.trai
 runs `ViewAugmentation` on each replica's batch: colour jitter (torchvision semantics,
 random order per image), grayscale, Gaussian blur, horizontal flip, for the two views and
 the multi-crop local crops alike. It computes exactly what the host path computes
-(`augment.cropped_views`, the same functions), only with seeds drawn on the device:
+(`view_assembly.cropped_views`, the same functions), only with seeds drawn on the device:
 
     seed of a replica's batch = fold_in(fold_in((cfg.seed, _DEVICE_STREAM), step), replica)
 
@@ -20,7 +20,7 @@ RandomHorizontalFlip) can be used on their own in a user's model: float images i
 applied when training=True, seeded per call from a Keras SeedGenerator (or a (2,) seed
 passed to call). keras-cv is used where it computes the same transform (Grayscale); its
 RandomColorJitter, RandomGaussianBlur and RandomApply are not torchvision's transforms or
-not stateless per image (the reasons are listed at the top of augment.py).
+not stateless per image (the reasons are listed at the top of photometric.py).
 """
 
 import dataclasses
@@ -28,7 +28,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from wcl_tf.data import augment
+from wcl_tf.data import photometric, recipe, view_assembly
 from wcl_tf.data.pipeline import use_strong_augmentation
 
 # Tag of the device-side augmentation seeds (apart from the host's per-batch seeds).
@@ -40,8 +40,8 @@ def _spec_config(spec):
 
 
 def _spec_from_config(config):
-    return augment.AugmentSpec(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in config.items()})
+    return recipe.AugmentSpec(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in config.items()})
 
 
 def replica_seed(seed, step, replica_id):
@@ -74,8 +74,8 @@ class _RandomLayer(keras.layers.Layer):
         images = tf.cast(images, tf.float32)
         op_seed, prob_seed = tf.unstack(
             tf.random.experimental.stateless_split(self._draw_seed(seed), 2))
-        return augment.apply_with_prob(self.probability, prob_seed,
-                                       self._transform(images, op_seed), images)
+        return photometric.apply_with_prob(self.probability, prob_seed,
+                                           self._transform(images, op_seed), images)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -89,7 +89,7 @@ class _RandomLayer(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="wcl_tf")
 class ColorJitter(_RandomLayer):
     """torchvision ColorJitter (per image, random order of the four operations), applied
-    with `probability`. Strengths as augment.AugmentSpec."""
+    with `probability`. Strengths as recipe.AugmentSpec."""
 
     def __init__(self, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, **kwargs):
         super().__init__(**kwargs)
@@ -98,8 +98,8 @@ class ColorJitter(_RandomLayer):
 
     def _transform(self, images, seed):
         # Static shapes: usable in XLA-compiled models and on TPUs.
-        return augment.color_jitter(images, self.brightness, self.contrast,
-                                    self.saturation, self.hue, seed, static_shapes=True)
+        return photometric.color_jitter(images, self.brightness, self.contrast,
+                                        self.saturation, self.hue, seed, static_shapes=True)
 
     def get_config(self):
         config = super().get_config()
@@ -114,7 +114,7 @@ class RandomGrayscale(_RandomLayer):
 
     def __init__(self, probability=0.2, **kwargs):
         super().__init__(probability=probability, **kwargs)
-        self._grayscale = augment.grayscale_layer()
+        self._grayscale = photometric.grayscale_layer()
 
     def _transform(self, images, seed):
         del seed
@@ -125,7 +125,7 @@ class RandomGrayscale(_RandomLayer):
 class RandomGaussianBlur(_RandomLayer):
     """torchvision GaussianBlur with reflect padding and sigma ~ U(sigma), per image."""
 
-    def __init__(self, kernel_size=23, sigma=augment.BLUR_SIGMA, probability=0.5, **kwargs):
+    def __init__(self, kernel_size=23, sigma=recipe.BLUR_SIGMA, probability=0.5, **kwargs):
         super().__init__(probability=probability, **kwargs)
         if int(kernel_size) % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
@@ -134,7 +134,7 @@ class RandomGaussianBlur(_RandomLayer):
 
     def _transform(self, images, seed):
         sigma = tf.random.stateless_uniform([tf.shape(images)[0]], seed, *self.sigma)
-        return augment.gaussian_blur(images, self.kernel_size, sigma)
+        return photometric.gaussian_blur(images, self.kernel_size, sigma)
 
     def get_config(self):
         config = super().get_config()
@@ -161,9 +161,9 @@ class ViewAugmentation(keras.layers.Layer):
     call(views, step, steps_per_epoch, replica_id=0, static_shapes=False): views
     {"view_1", "view_2": uint8 (b, S, S, 3)[, "local": uint8 (b, M, L, L, 3)]}, the
     crops the input pipeline makes with augment_on="device". Returns the same keys as float32 in [0, 1]: what the host
-    path's augment.cropped_views returns for the same crops and the seed
+    path's view_assembly.cropped_views returns for the same crops and the seed
     replica_seed(seed, step, replica_id). static_shapes: no data-dependent shapes (an
-    XLA-compiled step, a TPU; augment.color_jitter says what it costs).
+    XLA-compiled step, a TPU; photometric.color_jitter says what it costs).
     """
 
     def __init__(self, image_size, local_size=None, blur=False, seed=0, weak_aug_epochs=0,
@@ -175,8 +175,8 @@ class ViewAugmentation(keras.layers.Layer):
         self.blur = bool(blur)
         self.seed = int(seed)
         self.weak_aug_epochs = int(weak_aug_epochs)
-        self.strong_spec = strong_spec or augment.STRONG
-        self.weak_spec = weak_spec or augment.WEAK
+        self.strong_spec = strong_spec or recipe.STRONG
+        self.weak_spec = weak_spec or recipe.WEAK
         self.built = True  # No weights: nothing to build.
 
     def call(self, views, step, steps_per_epoch, replica_id=0, static_shapes=False):
@@ -187,7 +187,7 @@ class ViewAugmentation(keras.layers.Layer):
                     f"input pipeline; {key!r} is {value.dtype.name}. Build the dataset with "
                     f"the same augment_on as the model (wcl_tf.pretrain_dataset(cfg)).")
         strong = use_strong_augmentation(step, steps_per_epoch, self.weak_aug_epochs)
-        return augment.cropped_views(
+        return view_assembly.cropped_views(
             views, strong, self.image_size, self.local_size, blur=self.blur,
             seed=replica_seed(self.seed, step, replica_id), strong_spec=self.strong_spec,
             weak_spec=self.weak_spec, static_shapes=static_shapes)

@@ -20,7 +20,7 @@ Test-time preprocessing (`eval_image`), one image at a time, the authors' `eval_
 
 Linear-probe training crops (`train_batches`): RandomResizedCrop (scale (0.08, 1),
 torchvision's ratios (3/4, 4/3)) cut from the ORIGINAL decoded image with
-`augment.crops_of_image`, and a horizontal flip, each drawn per image from stateless seeds
+`cropping.crops_of_image`, and a horizontal flip, each drawn per image from stateless seeds
 (seed, epoch * N + position), so a run is reproducible. Every epoch has its own order, drawn
 from (seed, epoch): folders are permuted whole at the level of file names (nothing decoded
 is held); TFDS data reads its files in a permutation of the epoch's own
@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from wcl_tf import seeding
-from wcl_tf.data import augment, folder, sources
+from wcl_tf.data import cropping, folder, sources
 
 EVAL_RESIZE_RATIO = 256.0 / 224.0
 CROP_SCALE = (0.08, 1.0)
@@ -133,8 +133,8 @@ def load_arrays(dataset, split, image_size, data_dir=None, download=False, max_e
 def _crop_and_flip(image, seed, image_size, crop_scale):
     """One RandomResizedCrop of the original image + a flip: uint8 (S, S, 3)."""
     seeds = tf.random.experimental.stateless_split(seed, 2)
-    crop = augment.crops_of_image(image, 1, int(image_size), crop_scale, CROP_RATIO,
-                                  seeds[0])[0]
+    crop = cropping.crops_of_image(image, 1, int(image_size), crop_scale, CROP_RATIO,
+                                   seeds[0])[0]
     flip = tf.random.stateless_uniform([], seeds[1]) < 0.5
     crop = tf.cond(flip, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
     crop.set_shape([int(image_size), int(image_size), 3])

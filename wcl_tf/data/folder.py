@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from wcl_tf.config import ON_BAD_IMAGE  # the one list (config has no TensorFlow)
-from wcl_tf.data import augment
+from wcl_tf.data import cropping
 from wcl_tf.data.errors import DataError
 
 PREFIX = "folder:"
@@ -83,7 +83,7 @@ class FolderScan:
 
 def decode(contents):
     """Encoded JPEG/PNG/GIF/BMP/WebP bytes -> uint8 (H, W, 3)."""
-    return augment.decode_image(contents)
+    return cropping.decode_image(contents)
 
 
 def _split_root(path, split):

@@ -39,11 +39,11 @@ RandomResizedCrop does (a crop of the original, resized to S; never a stretched 
 
     -> 2 view crops (+ M local crops) per image, seeded per image; encoded JPEGs (image
        folders, TFDS JPEG features) decode only each crop's window plus the resampling
-       filter's margin (augment.crops_of_jpeg: the same windows and weights as a full
+       filter's margin (cropping.crops_of_jpeg: the same windows and weights as a full
        decode), other formats are decoded whole
     -> batch -> cropped_views per batch (jitter, grayscale, blur, flip) -> prefetch
 
-With cfg.augment_on = "device" (augment.augment_on_device) each path stops after the
+With cfg.augment_on = "device" (view_assembly.augment_on_device) each path stops after the
 crops: batches hold the views' uint8 crops, and the model's ViewAugmentation
 (wcl_tf/data/augment_layers.py) does the rest inside the train step, seeded per replica
 and step, so no two replicas draw alike (the trap docs/method.md section 3.3 warns of: a random
@@ -63,7 +63,7 @@ import numpy as np
 import tensorflow as tf
 
 from wcl_tf import seeding
-from wcl_tf.data import augment, folder
+from wcl_tf.data import cropping, folder, recipe, view_assembly
 from wcl_tf.data.sources import (DataError, load_split, pipeline_examples,
                                   resize_uint8, tfds_stream)
 
@@ -103,7 +103,7 @@ def _training_source(cfg, input_context=None):
 
     ("files", paths (string tensor), N): an image folder; max_train_examples keeps a
       seeded sample across all classes (folder.select_files with cfg.seed). Read and
-      decoded only when drawn (JPEGs decoded crop by crop, augment.crops_of_encoded).
+      decoded only when drawn (JPEGs decoded crop by crop, cropping.crops_of_encoded).
     ("arrays", uint8 tensor (N, ...), N): data whose images all have one size and fit in
       _CACHE_LIMIT_BYTES, decoded once into memory: resized to S x S when that is the
       batched path's input, at source size otherwise.
@@ -225,10 +225,10 @@ def _stream_order(cfg, images, local_examples, batch_size, steps_per_epoch,
 
 
 def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=None,
-                          strong_spec=augment.STRONG, weak_spec=augment.WEAK, initial_step=0):
+                          strong_spec=recipe.STRONG, weak_spec=recipe.WEAK, initial_step=0):
     """Endless dataset of {"view_1", "view_2"}: float32 (batch_size, S, S, 3) in [0, 1],
     plus "local": (batch_size, M, L, L, 3) when cfg.num_local_crops = M > 0. With
-    cfg.augment_on resolving to the device (augment.augment_on_device): the same keys
+    cfg.augment_on resolving to the device (view_assembly.augment_on_device): the same keys
     holding only the views' crops, uint8, for the model's ViewAugmentation.
 
     batch_size: this pipeline's batch (per replica under a strategy). input_context: a
@@ -279,7 +279,7 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
 
     multi_crop = cfg.num_local_crops > 0
     # augment_on="device": the batches are the uint8 crops, the model does the rest.
-    on_device = augment.augment_on_device(cfg.augment_on)
+    on_device = view_assembly.augment_on_device(cfg.augment_on)
 
     def crop_image(number, image):
         # Seeds per (pipeline, image), a stream apart from the per-batch seeds below;
@@ -288,12 +288,12 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
             tf.stack([seed_base, -1 - tf.cast(pipeline_id, tf.int64)]),
             number * num_pipelines + pipeline_id)
         view_seed, local_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        spec = augment.select_spec(is_strong(number), strong_spec, weak_spec)
+        spec = recipe.select_spec(is_strong(number), strong_spec, weak_spec)
         # Multi-crop: fixed global / local scales, as in multi_crop_views.
         scale = cfg.global_crop_scale if multi_crop else spec.crop_scale
         # Encoded: JPEGs decode only each crop's window (the same crops, see
-        # augment.crops_of_jpeg), other formats are decoded whole.
-        crops_of = augment.crops_of_encoded if encoded else augment.crops_of_image
+        # cropping.crops_of_jpeg), other formats are decoded whole.
+        crops_of = cropping.crops_of_encoded if encoded else cropping.crops_of_image
         crops = {"views": crops_of(image, 2, image_size, scale, spec.crop_ratio, view_seed)}
         if multi_crop:
             crops["local"] = crops_of(image, cfg.num_local_crops, cfg.local_crop_size,
@@ -340,23 +340,23 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
                 crops["local"] = images["local"]
             if on_device:  # The rest runs in train_step (augment_layers.ViewAugmentation).
                 return crops
-            return augment.cropped_views(crops, strong, image_size, cfg.local_crop_size,
-                                         blur=cfg.blur, seed=seed, strong_spec=strong_spec,
-                                         weak_spec=weak_spec)
+            return view_assembly.cropped_views(crops, strong, image_size, cfg.local_crop_size,
+                                               blur=cfg.blur, seed=seed, strong_spec=strong_spec,
+                                               weak_spec=weak_spec)
         if on_device:
-            return augment.view_crops(
+            return view_assembly.view_crops(
                 images, strong, image_size, seed, num_local=cfg.num_local_crops,
                 local_size=cfg.local_crop_size, global_scale=cfg.global_crop_scale,
                 local_scale=cfg.local_crop_scale, strong_spec=strong_spec,
                 weak_spec=weak_spec)
         if cfg.num_local_crops > 0:
-            return augment.multi_crop_views(
+            return view_assembly.multi_crop_views(
                 images, strong, image_size, cfg.num_local_crops, cfg.local_crop_size,
                 global_scale=cfg.global_crop_scale, local_scale=cfg.local_crop_scale,
                 blur=cfg.blur, seed=seed, strong_spec=strong_spec, weak_spec=weak_spec)
-        view_1, view_2 = augment.two_views(images, strong, image_size, blur=cfg.blur,
-                                           seed=seed, strong_spec=strong_spec,
-                                           weak_spec=weak_spec)
+        view_1, view_2 = view_assembly.two_views(images, strong, image_size, blur=cfg.blur,
+                                                 seed=seed, strong_spec=strong_spec,
+                                                 weak_spec=weak_spec)
         return {"view_1": view_1, "view_2": view_2}
 
     ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE)
@@ -400,7 +400,8 @@ def save_view_grid(cfg, path, num_images=8):
     images = next(iter(ds.map(lambda image, label: resize_uint8(image, cfg.image_size))
                        .batch(num_images)))
     seed = tf.constant([cfg.seed, 0], tf.int64)
-    view_1, view_2 = augment.two_views(images, True, cfg.image_size, blur=cfg.blur, seed=seed)
+    view_1, view_2 = view_assembly.two_views(images, True, cfg.image_size, blur=cfg.blur,
+                                             seed=seed)
     rows = [("original", images.numpy() / 255.0), ("view 1", view_1.numpy()),
             ("view 2", view_2.numpy())]
     count = images.shape[0]

@@ -180,7 +180,7 @@ def tfds_stream(dataset, split, data_dir=None, download=False, max_examples=0,
     string ('train[:50%]') with max_examples keeps the first max_examples of the stored
     order, so its files are always read in that order. Images are decoded uint8
     (H, W, 3), or encoded bytes (tf.string scalars) when encoded_jpeg and the image
-    feature is stored as JPEG (for augment.crops_of_encoded). num_examples is the whole
+    feature is stored as JPEG (for cropping.crops_of_encoded). num_examples is the whole
     split's (pipeline_examples gives the share's).
 
     Written here rather than with builder.as_dataset: TFDS shuffles the file list once
@@ -283,7 +283,7 @@ def load_split(dataset, split, data_dir=None, download=False, max_examples=0, se
     part of tfds.even_splits (a contiguous range of examples); num_examples stays the
     whole split's (pipeline_examples gives the share's).
     encoded_jpeg: TFDS only, when the image feature is stored as JPEG the images come
-    as undecoded bytes (tf.string scalars), for augment.crops_of_encoded.
+    as undecoded bytes (tf.string scalars), for cropping.crops_of_encoded.
     """
     if max_examples < 0:
         raise DataError(f"max_examples must be >= 0 (0: all), got {max_examples}.")

@@ -1,6 +1,7 @@
 """The input side: training's input pipeline (pipeline), each augmentation op against the
 keras-cv / Keras layer (ops), and the recipe after the crop in its two forms
-(photometric). The one module of the benchmark that uses wcl_tf.data.augment."""
+(photometric). The one module of the benchmark that uses wcl_tf.data's augmentation
+modules."""
 
 from wcl_tf.tools.benchmark import timing
 
@@ -42,7 +43,7 @@ def _keras_cv_two_views(image_size, blur=False):
     import keras_cv
     import tensorflow as tf
 
-    from wcl_tf.data import augment
+    from wcl_tf.data import photometric
 
     def make():
         return keras.Sequential([
@@ -52,7 +53,7 @@ def _keras_cv_two_views(image_size, blur=False):
                 (0, 1), 0.8, 0.8, (0.1, 0.9), 0.2), rate=0.8),
             keras_cv.layers.RandomApply(keras_cv.layers.Grayscale(output_channels=3), rate=0.2),
             *([keras_cv.layers.RandomApply(keras_cv.layers.RandomGaussianBlur(
-                augment.blur_kernel_size(image_size), (0.1, 2.0)), rate=0.5)] if blur else []),
+                photometric.blur_kernel_size(image_size), (0.1, 2.0)), rate=0.5)] if blur else []),
             keras.layers.RandomFlip("horizontal"),
         ])
 
@@ -74,23 +75,23 @@ def bench_ops(cfg, batch, warmup, repeats):
     import numpy as np
     import tensorflow as tf
 
-    from wcl_tf.data import augment
+    from wcl_tf.data import cropping, photometric, recipe
 
     size = cfg.image_size
     images = tf.constant(np.random.default_rng(0).uniform(size=(batch, size, size, 3)),
                          tf.float32)
     seed = tf.constant([1, 2], tf.int64)
-    kernel = augment.blur_kernel_size(size)
+    kernel = photometric.blur_kernel_size(size)
     sigma = tf.random.stateless_uniform([batch], [3, 4], 0.1, 2.0)
-    spec = augment.STRONG
+    spec = recipe.STRONG
     ours = {
-        "random resized crop": lambda x: augment.random_resized_crop(
+        "random resized crop": lambda x: cropping.random_resized_crop(
             x, size, spec.crop_scale, spec.crop_ratio, seed),
-        "colour jitter (all images)": lambda x: augment.color_jitter(
+        "colour jitter (all images)": lambda x: photometric.color_jitter(
             x, spec.brightness, spec.contrast, spec.saturation, spec.hue, seed),
         "grayscale": lambda x: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 1, 3]),
-        "Gaussian blur (all images)": lambda x: augment.gaussian_blur(x, kernel, sigma),
-        "horizontal flip": lambda x: augment.flip_left_right(
+        "Gaussian blur (all images)": lambda x: photometric.gaussian_blur(x, kernel, sigma),
+        "horizontal flip": lambda x: photometric.flip_left_right(
             x, tf.random.stateless_uniform([batch], seed) < 0.5),
     }
     layers = {
@@ -131,17 +132,17 @@ def bench_photometric(cfg, batch, threads, warmup, repeats):
     import numpy as np
     import tensorflow as tf
 
-    from wcl_tf.data import augment
+    from wcl_tf.data import recipe, view_assembly
 
     limit_threads(threads)
     size = cfg.image_size
     crops = tf.constant(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3)),
                         tf.uint8)
     seed = tf.constant([1, 2], tf.int64)
-    augmenter = augment.view_augmenter(size, cfg.blur)
+    augmenter = view_assembly.view_augmenter(size, cfg.blur)
     rows = []
     for form, static in (("host (drawn images only)", False), ("static shapes", True)):
-        fn = tf.function(lambda x, s=static: augmenter(x, augment.STRONG, seed, crop=False,
+        fn = tf.function(lambda x, s=static: augmenter(x, recipe.STRONG, seed, crop=False,
                                                        static_shapes=s))
         median = timing.timed(lambda fn=fn: fn(crops).numpy(), warmup, repeats).median
         rows.append({"form": form, "image_size": size, "batch": batch, "blur": cfg.blur,
