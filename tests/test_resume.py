@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from wcl_tf import run_folder, training
+from wcl_tf import checkpointing, run_folder, training
 from wcl_tf.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,7 +166,7 @@ def test_restored_model_takes_the_same_next_step(tmp_path):
     assert run_folder.latest_checkpoint(str(tmp_path)) == (1, path)
 
     restored = training.build(cfg, strategy, cfg.steps_per_epoch)
-    assert training.restore(restored, path, strategy) == 3
+    assert checkpointing.restore(restored, path, strategy) == 3
     momenta = [v for v in restored.optimizer.variables if "momentum" in v.path]
     assert momenta and any(np.abs(v.numpy()).max() > 0 for v in momenta)
 
@@ -193,7 +193,7 @@ def test_restore_under_mirrored_strategy_fills_every_replica(tmp_path, two_repli
 
     restored = training.build(cfg, strategy, cfg.steps_per_epoch)
     steps = int(saved.optimizer.iterations.numpy())
-    assert training.restore(restored, path, strategy) == steps
+    assert checkpointing.restore(restored, path, strategy) == steps
     pairs = list(zip(saved.weights + saved.optimizer.variables,
                      restored.weights + restored.optimizer.variables))
     assert len(pairs) == len(restored.weights) + len(saved.optimizer.variables)
