@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from wcl_tf import run_folder, training
+from wcl_tf import checkpointing, distributed, run_folder, training
 from wcl_tf.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,7 +166,7 @@ def test_restored_model_takes_the_same_next_step(tmp_path):
     assert run_folder.latest_checkpoint(str(tmp_path)) == (1, path)
 
     restored = training.build(cfg, strategy, cfg.steps_per_epoch)
-    assert training.restore(restored, path, strategy) == 3
+    assert checkpointing.restore(restored, path, strategy) == 3
     momenta = [v for v in restored.optimizer.variables if "momentum" in v.path]
     assert momenta and any(np.abs(v.numpy()).max() > 0 for v in momenta)
 
@@ -193,7 +193,7 @@ def test_restore_under_mirrored_strategy_fills_every_replica(tmp_path, two_repli
 
     restored = training.build(cfg, strategy, cfg.steps_per_epoch)
     steps = int(saved.optimizer.iterations.numpy())
-    assert training.restore(restored, path, strategy) == steps
+    assert checkpointing.restore(restored, path, strategy) == steps
     pairs = list(zip(saved.weights + saved.optimizer.variables,
                      restored.weights + restored.optimizer.variables))
     assert len(pairs) == len(restored.weights) + len(saved.optimizer.variables)
@@ -211,6 +211,26 @@ def test_latest_checkpoint_skips_a_file_cut_short(tmp_path):
     (ckpt / "epoch_002.keras").write_bytes(data[: len(data) // 2])  # A kill mid-write.
     assert run_folder.latest_checkpoint(str(tmp_path)) == (1, str(ckpt / "epoch_001.keras"))
     assert run_folder.latest_checkpoint(str(tmp_path / "nothing")) == (0, None)
+
+
+def test_resume_point_takes_a_newer_mid_epoch_checkpoint_over_the_epoch_one(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+
+    def write(name):
+        with zipfile.ZipFile(ckpt / name, "w") as archive:
+            archive.writestr("model.weights.h5", b"weights")
+
+    agreement = distributed.WorkerAgreement(tf.distribute.get_strategy())  # One process.
+    point = checkpointing.resume_point(str(tmp_path), 3, agreement)
+    assert point == checkpointing.ResumePoint(None, 0, 0, False)  # A new run.
+    write("epoch_002.keras")
+    write("step_0000005.keras")  # Older than epoch 2's end (step 6): superseded.
+    point = checkpointing.resume_point(str(tmp_path), 3, agreement)
+    assert point == checkpointing.ResumePoint(str(ckpt / "epoch_002.keras"), 6, 2, False)
+    write("step_0000008.keras")  # Step 2 of epoch 3.
+    point = checkpointing.resume_point(str(tmp_path), 3, agreement)
+    assert point == checkpointing.ResumePoint(str(ckpt / "step_0000008.keras"), 8, 2, True)
 
 
 def test_resumed_run_starts_the_data_pipeline_at_the_restored_step(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from wcl_tf import training
+from wcl_tf import checkpointing, training
 from wcl_tf.config import Config, ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,22 +39,22 @@ def test_run_writes_checkpoints_logs_and_results(tmp_path):
 def test_model_dir_with_other_settings_is_refused(tmp_path):
     # _prepare_model_dir is private: it is run()'s first check, tested without training.
     cfg = Config(model_dir=str(tmp_path), **TINY)
-    training._prepare_model_dir(cfg)
+    checkpointing.prepare_model_dir(cfg)
     # No checkpoint yet (e.g. the first try stopped on a wrong data_dir): may be retried.
-    training._prepare_model_dir(cfg.replace(temperature=0.3))
+    checkpointing.prepare_model_dir(cfg.replace(temperature=0.3))
     os.makedirs(tmp_path / "checkpoints")
     with zipfile.ZipFile(tmp_path / "checkpoints" / "epoch_001.keras", "w") as archive:
         archive.writestr("model.weights.h5", b"")
     with pytest.raises(ConfigError, match="temperature: 0.3 -> 0.2"):
-        training._prepare_model_dir(cfg.replace(temperature=0.2))
+        checkpointing.prepare_model_dir(cfg.replace(temperature=0.2))
     # Settings of an attempt, not of the run, may change (what the NaN message advises).
-    training._prepare_model_dir(cfg.replace(
+    checkpointing.prepare_model_dir(cfg.replace(
         temperature=0.3, skip_nonfinite_steps=4, data_dir=str(tmp_path / "elsewhere"),
         eval_every_epochs=1, keep_checkpoints=1, verbose=2, strategy="mirrored"))
     for change in ({"seed": 1}, {"global_batch_size": 32}, {"graph_key_grad": True},
                    {"epochs": TINY["epochs"] + 1}, {"precision": "mixed_bfloat16"}):
         with pytest.raises(ConfigError, match=f"{next(iter(change))}: "):
-            training._prepare_model_dir(cfg.replace(temperature=0.3, **change))
+            checkpointing.prepare_model_dir(cfg.replace(temperature=0.3, **change))
 
 
 def _cli(*args, timeout=300):

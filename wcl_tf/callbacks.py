@@ -1,5 +1,6 @@
 """Callbacks used during pretraining: kNN monitor and weak-label diagnostics, the
-non-finite guard, and the preemption guard (SIGTERM: save mid-epoch, stop).
+learning-rate logger, the one-epoch stop, the non-finite guard, and the preemption guard
+(SIGTERM: save mid-epoch, stop).
 
 The monitors add keys to the epoch logs, so a TensorBoard or CSVLogger callback placed
 after them in the list records the values. They skip an epoch that a guard cut short
@@ -94,6 +95,26 @@ class WeakLabelDiagnostics(keras.callbacks.Callback):
             logs["weak_components"] = stats["num_components"]
             logs["weak_component_size_mean"] = stats["component_size_mean"]
             logs["weak_component_size_max"] = stats["component_size_max"]
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the optimizer's current learning rate to the epoch logs (TensorBoard)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+class StopAfterOneEpoch(keras.callbacks.Callback):
+    """Ends a fit() after its first epoch (the rest of an interrupted epoch); `other`
+    records whether something else had stopped it already (a guard, EarlyStopping)."""
+
+    other = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.other = bool(self.model.stop_training)
+        self.model.stop_training = True
 
 
 def learning_rate_at(optimizer, step):

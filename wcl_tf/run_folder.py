@@ -7,7 +7,7 @@ the tests): operations on a URL go through `tf.io.gfile`, and a path is kept as 
 (never made absolute). Local paths use os and open (same behaviour, and no TensorFlow:
 the tools check their flags and the run folder before TensorFlow starts and logs).
 
-What a model_dir holds (written by training; see wcl_tf/training.py for how a run resumes):
+What a model_dir holds (written by training; see wcl_tf/checkpointing.py for how a run resumes):
 
     config.json                   the settings (CONFIG_FILE)
     flags.txt                     the command line's flags, written by wcl_tf/train.py

@@ -1,35 +1,15 @@
 """`run(cfg)`: one WCL pretraining run, for the CLI and for notebooks alike.
 
-Order of work: validate everything that can be checked before the first step
-(settings, model_dir, strategy, dataset size) -> a finished run in model_dir is reported,
-not retrained -> build the model and optimizer inside the strategy scope -> kNN of the
-untrained encoder -> restore the newest checkpoint, if any -> the dataset, starting
-at the restored optimizer step -> model.fit with TensorBoard, per-epoch checkpoints and
-the preemption guard -> kNN of the trained encoder -> results.json.
+run() reads as its phases, each a function of its own: open model_dir (settings checked
+against the run already there, config.json; a finished run is reported, not retrained)
+-> the run's setup (strategy, epoch length, kNN data, all checked before anything is
+built) -> the model, built and compiled inside the strategy scope -> the resume point
+(kNN of the untrained encoder, then the newest checkpoint restored, if any) -> fit from
+there (the dataset starts at the restored optimizer step; TensorBoard, per-epoch
+checkpoints, the non-finite and preemption guards) -> finish (final.keras, kNN of the
+trained encoder, results.json).
 
-What model_dir holds, and how a run resumes (file names, safe writes and reads:
-wcl_tf/run_folder.py; model_dir may be a local folder or a URL such as gs://bucket/run):
-
-    config.json               the settings; a run with other settings is refused
-    checkpoints/epoch_NNN.keras   model + optimizer (LARS momentum, iteration count) after
-                              epoch NNN (1-based); written to a hidden file and renamed,
-                              and only taken when its zip reads whole
-    checkpoints/step_NNNNNNN.keras  the same after optimizer step N, in the middle of an
-                              epoch: written on SIGTERM (preemption), deleted once a later
-                              epoch checkpoint reads whole
-    train_state.json          per-epoch logs of every finished epoch (loss, kNN, learning
-                              rate, optimizer_steps), kNN of the random encoder, training
-                              seconds so far; written just before the checkpoint
-    history.csv               the same per-epoch logs, one row per epoch (rewritten, never
-                              appended, so a resumed run has no duplicate rows)
-    final.keras, results.json the trained model and the summary, written last
-    flags.txt, logs/          the CLI's flags (wcl_tf/train.py), TensorBoard event files
-
-Running the same command again resumes: the newest complete `epoch_NNN.keras` gives the
-weights and the optimizer state, the data pipeline starts at the restored optimizer step
-(so the weak-to-strong augmentation switch stays where it was), fit continues at epoch
-NNN + 1, and the logs of epochs 1..NNN come from train_state.json. A process killed at
-any moment (SIGKILL) loses at most the epoch in flight.
+What model_dir holds and how a run resumes: wcl_tf/checkpointing.py.
 
 Preemption. While model.fit runs, SIGTERM (what Cloud TPUs and spot VMs send, a grace
 period before SIGKILL) lets the step in flight finish, saves checkpoints/step_N.keras
@@ -55,14 +35,14 @@ again).
 """
 
 import contextlib
-import json
-import math
-import time
+import dataclasses
+from typing import Callable
 
 import keras
 import tensorflow as tf
 
 from wcl_tf import callbacks as callbacks_lib
+from wcl_tf import checkpointing
 from wcl_tf import distributed
 from wcl_tf import knn
 from wcl_tf import optimizers
@@ -87,120 +67,6 @@ class Preempted(RuntimeError):
     def __init__(self, message, info):
         super().__init__(message)
         self.info = info
-
-
-def _has_training_state(model_dir):
-    return (run_folder.latest_checkpoint(model_dir)[1] is not None
-            or run_folder.latest_mid_epoch_checkpoint(model_dir)[1] is not None)
-
-
-def _prepare_model_dir(cfg, writes=True):
-    """Create model_dir, refuse to mix runs with different settings, write config.json.
-
-    writes=False (a multi-worker run's non-chief): only the check, nothing is written.
-    """
-    if writes:
-        try:
-            run_folder.ensure_writable(cfg.model_dir)
-        except run_folder.file_errors() as err:
-            raise ConfigError(
-                f"model_dir {cfg.model_dir!r} is not writable ({run_folder.error_text(err)}): "
-                "choose another --model_dir.") from None
-    path = run_folder.join(cfg.model_dir, run_folder.CONFIG_FILE)
-    # Through JSON, so that tuples compare equal to the lists read back.
-    settings = json.loads(json.dumps(cfg.to_dict()))
-    # Only a run that has saved training state binds the folder: a run that stopped
-    # before its first checkpoint (say, on a wrong data_dir) may be retried with fixes.
-    previous = run_folder.read_json(path)
-    if previous is not None and _has_training_state(cfg.model_dir):
-        changed = sorted(k for k in config_lib.run_defining_fields()
-                         if previous.get(k) != settings.get(k))
-        if changed:
-            details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings[k]!r}" for k in changed)
-            raise ConfigError(
-                f"model_dir {cfg.model_dir!r} holds a run with other settings ({details}). "
-                "Use a new --model_dir, or the same settings to resume (settings that "
-                "may change on resume: "
-                f"{', '.join(sorted(set(settings) - set(config_lib.run_defining_fields())))}).")
-    if writes:
-        run_folder.write_json(path, settings, sort_keys=True)
-
-
-def finished_results(cfg):
-    """results.json of a finished run in cfg.model_dir (all epochs checkpointed), or None."""
-    return run_folder.finished_results(cfg.model_dir, cfg.epochs)
-
-
-class _LearningRateLogger(keras.callbacks.Callback):
-    """Adds the optimizer's current learning rate to the epoch logs (TensorBoard)."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["learning_rate"] = float(
-                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-
-
-class _EpochCheckpoint(keras.callbacks.Callback):
-    """After each epoch: train_state.json, then checkpoints/epoch_NNN.keras, then history.csv.
-
-    The checkpoint is the commit point: a run resumes from the newest complete one and
-    takes the logs of the epochs up to it from train_state.json. An epoch cut short (the
-    non-finite guard, preemption: fewer steps than fit's epoch) or whose loss is not
-    finite is not saved. Only the newest `keep` epoch checkpoints stay (0: all), pruned
-    once the new one is complete; mid-epoch checkpoints it supersedes are deleted then.
-    """
-
-    def __init__(self, model_dir, rows, state, write=True, guard=None, keep=0):
-        super().__init__()
-        self.model_dir, self.rows, self.state, self.write = model_dir, rows, state, write
-        self.guard, self.keep = guard, keep
-        self._started = time.time()
-        self._seconds_before = state.get("train_seconds", 0.0)
-        self._batches = 0
-
-    def train_seconds(self):
-        return self._seconds_before + time.time() - self._started
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._batches = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._batches = batch + 1  # Keras passes the execution's last step index.
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = dict(logs or {})
-        if not math.isfinite(float(logs.get("loss", 0.0))) or (
-                self.guard is not None and self.guard.tripped is not None) or (
-                self._batches < (self.params.get("steps") or 0)):
-            return
-        row = {"epoch": epoch + 1}
-        row.update({k: float(v) for k, v in logs.items()})
-        row["optimizer_steps"] = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        self.rows[:] = [r for r in self.rows if r["epoch"] < epoch + 1] + [row]
-        self.state.update(history=self.rows, train_seconds=round(self.train_seconds(), 1))
-        if not self.write:
-            return
-        run_folder.write_json(run_folder.join(self.model_dir, run_folder.STATE_FILE), self.state)
-        path = run_folder.checkpoint_path(self.model_dir, epoch + 1)
-        run_folder.save_model(self.model, path)
-        run_folder.write_history_csv(self.model_dir, self.rows)
-        # Never delete an older checkpoint before this one reads whole (a rename on an
-        # object store is a copy, then a delete).
-        if run_folder.is_complete(path):
-            if self.keep:
-                run_folder.prune_checkpoints(self.model_dir, self.keep)
-            run_folder.remove_mid_epoch_checkpoints(self.model_dir, row["optimizer_steps"] + 1)
-
-
-class _StopAfterOneEpoch(keras.callbacks.Callback):
-    """Ends a fit() after its first epoch (the rest of an interrupted epoch); `other`
-    records whether something else had stopped it already (a guard, EarlyStopping)."""
-
-    other = False
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.other = bool(self.model.stop_training)
-        self.model.stop_training = True
 
 
 def _knn_arrays(cfg, log):
@@ -286,18 +152,6 @@ def device_augmentation(cfg):
         seed=cfg.seed, weak_aug_epochs=cfg.weak_aug_epochs, name="view_augmentation")
 
 
-def restore(model, path, strategy):
-    """Loads weights and optimizer state (momentum, iterations) of a training checkpoint.
-
-    `model` comes from `build` with the same settings. Returns the optimizer step.
-    """
-    with strategy.scope():
-        if not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-        run_folder.load_weights(model, path)
-    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-
-
 def _monitors(cfg, arrays):
     """kNN monitor and weak-label diagnostics on a fixed labelled batch (none without
     labels)."""
@@ -331,27 +185,6 @@ def _check_replicas(cfg, replicas):
             f"global_batch_size {cfg.global_batch_size} is not divisible by the {replicas} "
             f"replicas of --strategy={cfg.strategy}: use a multiple of {replicas} (e.g. "
             f"{replicas * max(1, round(cfg.global_batch_size / replicas))}).")
-
-
-def checkpoint_bytes(model):
-    """Rough size of one training checkpoint: model variables + optimizer slots, float32."""
-    count = sum(int(math.prod(v.shape)) for v in model.weights)
-    count += sum(int(math.prod(v.shape)) for v in model.trainable_weights)  # momentum
-    return 4 * count
-
-
-def _check_disk_space(cfg, model):
-    """Room for the kept epoch checkpoints plus final.keras, with a 10% margin (local
-    model_dir only: a bucket has no free-space figure)."""
-    needed = checkpoint_bytes(model) * ((cfg.keep_checkpoints or cfg.epochs) + 1) * 1.1
-    free = run_folder.free_bytes(cfg.model_dir)
-    if free is not None and free < needed:
-        raise ConfigError(
-            f"not enough free disk for checkpoints in {cfg.model_dir!r}: {free / 2**20:,.0f} "
-            f"MiB free, about {needed / 2**20:,.0f} MiB needed ("
-            f"{checkpoint_bytes(model) / 2**20:,.0f} MiB per checkpoint, "
-            f"{cfg.keep_checkpoints or cfg.epochs} kept + final.keras): free space, choose "
-            f"another --model_dir, or lower --keep_checkpoints.")
 
 
 def _nonfinite_message(cfg, info, model_dir):
@@ -402,35 +235,6 @@ def _steps_per_execution(model, n):
         model.steps_per_execution, model.train_function = saved, None
 
 
-def _resume_point(cfg, steps, agreement):
-    """(checkpoint path or None, optimizer step it holds, epochs done, mid-epoch?) to
-    resume from.
-
-    The newest complete epoch checkpoint, or a newer mid-epoch one. Every worker takes the
-    chief's choice (a worker seeing another newest file would train a different number
-    of steps, and the first all-reduce where they part would wait forever), and all stop
-    if any worker cannot read that file.
-    """
-    epochs_done, path = run_folder.latest_checkpoint(cfg.model_dir)
-    mid_step, mid_path = run_folder.latest_mid_epoch_checkpoint(cfg.model_dir)
-    if mid_path is None or mid_step <= epochs_done * steps:
-        mid_step = 0
-    (epochs_done, mid_step), _ = agreement.chief_values([epochs_done, mid_step])
-    if mid_step:
-        path, step = run_folder.mid_epoch_checkpoint_path(cfg.model_dir, mid_step), mid_step
-        epochs_done = mid_step // steps
-    elif epochs_done:
-        path, step = run_folder.checkpoint_path(cfg.model_dir, epochs_done), epochs_done * steps
-    else:
-        path, step = None, 0
-    _, missing = agreement.chief_values([], path is not None and not run_folder.is_complete(path))
-    if missing:
-        raise RuntimeError(
-            f"a worker cannot read {path}, the checkpoint the chief resumes from: every "
-            "worker needs the same view of model_dir (a shared file system or bucket).")
-    return path, step, epochs_done, bool(mid_step)
-
-
 def _preempted_message(cfg, info, steps):
     step = info["optimizer_step"]
     if info["path"] is None:
@@ -458,17 +262,63 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
     """
     cfg.validate()
     writes = strategy_lib.is_chief(cfg.strategy)  # Multi-worker: the chief only.
-    _prepare_model_dir(cfg, writes)
+    done = _open_model_dir(cfg, writes, on_ready, log)
+    if done is not None:
+        return done
+    setup = _setup(cfg, writes, log)
+    model = _model(setup)
+    start = _resume(setup, model)
+    rows, train_seconds = _fit(setup, model, start, callbacks)
+    return _finish(setup, model, start, rows, train_seconds)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Setup:
+    """What run() settles before it builds the model; the later phases read it."""
+
+    cfg: config_lib.Config
+    log: Callable[[str], None]
+    writes: bool  # Whether this process writes model_dir (multi-worker: the chief only).
+    strategy: tf.distribute.Strategy
+    agreement: distributed.WorkerAgreement  # Host-side decisions common to all workers.
+    steps: int  # Optimizer steps per epoch.
+    arrays: tuple | None  # kNN (memory, queries, num_classes); None without labels.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Start:
+    """Where fit starts: the checkpoint restored (None: a new run), the optimizer step the
+    model holds, the epochs done before it, the steps of the next epoch already taken (a
+    mid-epoch resume; else 0), and what the epochs done left: their logs, the training
+    seconds so far, the randomly initialised encoder's kNN top-1."""
+
+    path: str | None
+    step: int
+    epochs_done: int
+    into_epoch: int
+    rows: tuple
+    train_seconds: float
+    random_top1: float | None
+
+
+def _open_model_dir(cfg, writes, on_ready, log):
+    """Binds model_dir to cfg (config.json) and calls on_ready; returns the results of a
+    finished run there (logged: nothing to train), else None."""
+    checkpointing.prepare_model_dir(cfg, writes)
     if on_ready is not None and writes:
         on_ready(cfg)
-    done = finished_results(cfg)
+    done = run_folder.finished_results(cfg.model_dir, cfg.epochs)
     if done is not None:
         log(f"wcl_tf: {cfg.model_dir} already holds a finished run ({cfg.epochs} of "
             f"{cfg.epochs} epochs): nothing to train, returning its {run_folder.RESULTS_FILE}. "
             "Use a new --model_dir to train again.")
         log(_summary(cfg, done))
-        return done
+    return done
 
+
+def _setup(cfg, writes, log):
+    """The strategy, the epoch length and the kNN data, checked before anything is built;
+    logs the run's one-line description."""
     strategy = strategy_lib.build_strategy(cfg.strategy, cfg.tpu)
     replicas = strategy.num_replicas_in_sync
     _check_replicas(cfg, replicas)
@@ -481,74 +331,91 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
         f"{steps} steps x {cfg.epochs} epochs, lambda={cfg.graph_loss_weight}, "
         f"gather_grad={cfg.gather_grad}, graph_key_grad={cfg.graph_key_grad}, "
         f"augmentation on the {augment_side(cfg)}, peak lr {cfg.learning_rate():.4g}")
+    return _Setup(cfg, log, writes, strategy, distributed.WorkerAgreement(strategy), steps,
+                  arrays)
 
-    model = build(cfg, strategy, steps)
+
+def _model(setup):
+    """The compiled model (`build`); says when steps per execution had to change, checks
+    the disk has room for the checkpoints."""
+    cfg, steps = setup.cfg, setup.steps
+    model = build(cfg, setup.strategy, steps)
     if model.steps_per_execution != cfg.steps_per_execution:
-        log(f"wcl_tf: --steps_per_execution={cfg.steps_per_execution} does not divide the "
-            f"{steps} steps per epoch: using {model.steps_per_execution}, the largest "
-            f"divisor of {steps} not above it (Keras would round every epoch up to a "
-            f"multiple of {cfg.steps_per_execution} steps)")
-    if writes:
-        _check_disk_space(cfg, model)
-    agreement = distributed.WorkerAgreement(strategy)
-    path, initial_step, epochs_done, mid_epoch = _resume_point(cfg, steps, agreement)
-    rows, state = run_folder.read_history(cfg.model_dir, epochs_done)
+        setup.log(f"wcl_tf: --steps_per_execution={cfg.steps_per_execution} does not divide "
+                  f"the {steps} steps per epoch: using {model.steps_per_execution}, the "
+                  f"largest divisor of {steps} not above it (Keras would round every epoch "
+                  f"up to a multiple of {cfg.steps_per_execution} steps)")
+    if setup.writes:
+        checkpointing.check_disk_space(cfg, model)
+    return model
+
+
+def _resume(setup, model):
+    """The _Start: the kNN of the randomly initialised encoder (saved by an earlier
+    process, or measured now), then the resume point's checkpoint restored into `model`,
+    or for a new run the --init_from weights."""
+    cfg, log, steps = setup.cfg, setup.log, setup.steps
+    point = checkpointing.resume_point(cfg.model_dir, steps, setup.agreement)
+    rows, state = run_folder.read_history(cfg.model_dir, point.epochs_done)
     random_top1 = state.get("random_encoder_knn_top1")
     if random_top1 is None:  # Before restoring: the weights are the random ones here.
-        random_top1 = _knn(model.backbone, arrays, cfg)
+        random_top1 = _knn(model.backbone, setup.arrays, cfg)
     if random_top1 is not None:
         log(f"kNN top-1 of the randomly initialised encoder: {100 * random_top1:.2f}%")
-    into_epoch = 0
-    if path is not None:
-        expected, initial_step = initial_step, restore(model, path, strategy)
-        if mid_epoch:
-            into_epoch = initial_step - epochs_done * steps
-            log(f"resuming in epoch {epochs_done + 1} of {cfg.epochs} at step {into_epoch} "
-                f"of {steps} ({path}, optimizer step {initial_step})")
+    step, into_epoch = point.step, 0
+    if point.path is not None:
+        step = checkpointing.restore(model, point.path, setup.strategy)
+        if point.mid_epoch:
+            into_epoch = step - point.epochs_done * steps
+            log(f"resuming in epoch {point.epochs_done + 1} of {cfg.epochs} at step "
+                f"{into_epoch} of {steps} ({point.path}, optimizer step {step})")
         else:
-            log(f"resuming from epoch {epochs_done} of {cfg.epochs} ({path}, optimizer "
-                f"step {initial_step})")
-        if initial_step != expected:
-            log(f"warning: {path} holds {initial_step} optimizer steps, not {expected}; "
-                f"the data pipeline starts at step {initial_step}")
-        if writes:  # Older mid-epoch checkpoints are superseded (a kill before cleanup).
-            run_folder.remove_mid_epoch_checkpoints(cfg.model_dir, initial_step)
+            log(f"resuming from epoch {point.epochs_done} of {cfg.epochs} ({point.path}, "
+                f"optimizer step {step})")
+        if step != point.step:
+            log(f"warning: {point.path} holds {step} optimizer steps, not {point.step}; "
+                f"the data pipeline starts at step {step}")
+        if setup.writes:  # Older mid-epoch checkpoints are superseded (a kill before cleanup).
+            run_folder.remove_mid_epoch_checkpoints(cfg.model_dir, step)
     elif cfg.init_from:  # A new run from another run's weights (wcl_tf/warm_start.py).
-        log(warm_start.initialise(model, cfg.init_from, strategy))
+        log(warm_start.initialise(model, cfg.init_from, setup.strategy))
+    return _Start(point.path, step, point.epochs_done, into_epoch, tuple(rows),
+                  state.get("train_seconds", 0.0), random_top1)
 
-    def dataset_from(step):
-        # tf.data ops take TensorFlow's global seed with their own: make it cfg.seed's.
-        with seeding.scoped(cfg.seed):
-            return pipeline.distribute_pretrain_dataset(strategy, cfg, initial_step=step)[0]
 
-    dataset = dataset_from(initial_step)
-    state = {"random_encoder_knn_top1": random_top1,
-             "train_seconds": state.get("train_seconds", 0.0), "history": rows}
-    if writes:  # Drops rows of epochs not checkpointed.
+def _dataset(setup, step):
+    """The distributed dataset of views from optimizer step `step` on."""
+    # tf.data ops take TensorFlow's global seed with their own: make it cfg.seed's.
+    with seeding.scoped(setup.cfg.seed):
+        return pipeline.distribute_pretrain_dataset(setup.strategy, setup.cfg,
+                                                    initial_step=step)[0]
+
+
+def _fit(setup, model, start, callbacks):
+    """model.fit from `start` to cfg.epochs, with the monitors, the guards, the epoch
+    checkpoints, TensorBoard and `callbacks`; returns (logs of the epochs done, one dict
+    each, training seconds). Raises NonFiniteLossError or Preempted when a guard stopped
+    training."""
+    cfg, steps = setup.cfg, setup.steps
+    dataset = _dataset(setup, start.step)
+    rows = list(start.rows)
+    state = {"random_encoder_knn_top1": start.random_top1,
+             "train_seconds": start.train_seconds, "history": rows}
+    if setup.writes:  # Drops rows of epochs not checkpointed.
         run_folder.makedirs(run_folder.join(cfg.model_dir, run_folder.CHECKPOINT_DIR))
         run_folder.write_history_csv(cfg.model_dir, rows)
-    guard = callbacks_lib.NonFiniteGuard(cfg.skip_nonfinite_steps, log)
-    checkpoint = _EpochCheckpoint(cfg.model_dir, rows, state, write=writes, guard=guard,
-                                  keep=cfg.keep_checkpoints)
-
-    def save_mid_epoch(step):
-        path = run_folder.mid_epoch_checkpoint_path(cfg.model_dir, step)
-        if writes:
-            state.update(train_seconds=round(checkpoint.train_seconds(), 1))
-            run_folder.write_json(run_folder.join(cfg.model_dir, run_folder.STATE_FILE), state)
-            run_folder.save_model(model, path)
-            if run_folder.is_complete(path):
-                run_folder.remove_mid_epoch_checkpoints(cfg.model_dir, step)
-        return path
-
-    preemption = callbacks_lib.PreemptionGuard(save_mid_epoch, agree=agreement.any_worker)
-    all_callbacks = _monitors(cfg, arrays) + [
-        _LearningRateLogger(),
+    guard = callbacks_lib.NonFiniteGuard(cfg.skip_nonfinite_steps, setup.log)
+    checkpoint = checkpointing.EpochCheckpoint(cfg.model_dir, rows, state, write=setup.writes,
+                                               guard=guard, keep=cfg.keep_checkpoints)
+    preemption = callbacks_lib.PreemptionGuard(checkpoint.save_mid_epoch,
+                                               agree=setup.agreement.any_worker)
+    all_callbacks = _monitors(cfg, setup.arrays) + [
+        callbacks_lib.LearningRateLogger(),
         guard,
         checkpoint,  # Before the preemption guard: an epoch's end saves first.
         preemption,
     ]
-    if writes:
+    if setup.writes:
         all_callbacks.append(keras.callbacks.TensorBoard(
             run_folder.join(cfg.model_dir, run_folder.LOG_DIR), update_freq="epoch"))
     all_callbacks += list(callbacks)
@@ -556,26 +423,25 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
     def stopped():
         return guard.tripped is not None or preemption.preempted is not None
 
-    train_seconds = state["train_seconds"]
-    epoch = epochs_done
-    if epoch < cfg.epochs and into_epoch:
+    train_seconds = start.train_seconds
+    epoch = start.epochs_done
+    if epoch < cfg.epochs and start.into_epoch:
         # The rest of the interrupted epoch: Keras gives every epoch of one fit() the same
         # number of steps, so it is a fit() of its own, stopped after that epoch (epochs
         # still count to cfg.epochs in the logs and callbacks).
-        stop = _StopAfterOneEpoch()
+        stop = callbacks_lib.StopAfterOneEpoch()
+        rest = steps - start.into_epoch
         # Steps per execution that divide the rest of the epoch too (a checkpoint saved
         # under another --steps_per_execution may stop between this one's executions).
-        with _steps_per_execution(model, execution_steps(model.steps_per_execution,
-                                                         steps - into_epoch)):
-            model.fit(dataset, epochs=cfg.epochs, initial_epoch=epoch,
-                      steps_per_epoch=steps - into_epoch, callbacks=all_callbacks + [stop],
-                      verbose=cfg.verbose, shuffle=False)
+        with _steps_per_execution(model, execution_steps(model.steps_per_execution, rest)):
+            model.fit(dataset, epochs=cfg.epochs, initial_epoch=epoch, steps_per_epoch=rest,
+                      callbacks=all_callbacks + [stop], verbose=cfg.verbose, shuffle=False)
         train_seconds = checkpoint.train_seconds()
         epoch += 1
         if stop.other:  # A user callback (EarlyStopping, ...) ended training.
             epoch = cfg.epochs
         elif epoch < cfg.epochs and not stopped():
-            dataset = dataset_from(epoch * steps)
+            dataset = _dataset(setup, epoch * steps)
     if epoch < cfg.epochs and not stopped():
         model.fit(dataset, epochs=cfg.epochs, initial_epoch=epoch,
                   steps_per_epoch=steps, callbacks=all_callbacks,
@@ -586,35 +452,41 @@ def run(cfg, log=print, on_ready=None, callbacks=()):
     if preemption.preempted is not None:
         raise Preempted(_preempted_message(cfg, preemption.preempted, steps),
                         preemption.preempted)
+    return rows, train_seconds
 
+
+def _finish(setup, model, start, rows, train_seconds):
+    """final.keras, the trained encoder's kNN (the last epoch's, when it has one), and
+    results.json; logs the summary and returns the results."""
+    cfg = setup.cfg
     final_path = run_folder.join(cfg.model_dir, run_folder.FINAL_CHECKPOINT)
-    if writes:
+    if setup.writes:
         run_folder.save_model(model, final_path)
     knn_history = [[r["epoch"], r["knn_top1"]] for r in rows if "knn_top1" in r]
     final_row = rows[-1] if rows else {}
     top1 = final_row.get("knn_top1")
     if top1 is None:
-        top1 = _knn(model.backbone, arrays, cfg)
+        top1 = _knn(model.backbone, setup.arrays, cfg)
     results = {
         "knn_top1": top1,
         "knn_top1_per_epoch": knn_history,
-        "random_encoder_knn_top1": random_top1,
+        "random_encoder_knn_top1": start.random_top1,
         "final_loss": final_row.get("loss"),
         "train_seconds": round(train_seconds, 1),
         "epochs": cfg.epochs,
         "completed_epochs": final_row.get("epoch", 0),
-        "resumed_from_epoch": epochs_done,
-        "resumed_from_step": initial_step,
-        "steps_per_epoch": steps,
+        "resumed_from_epoch": start.epochs_done,
+        "resumed_from_step": start.step,
+        "steps_per_epoch": setup.steps,
         "optimizer_steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
-        "replicas": replicas,
+        "replicas": setup.strategy.num_replicas_in_sync,
         "graph_loss_weight": cfg.graph_loss_weight,
         "gather_grad": cfg.gather_grad,
         "graph_key_grad": cfg.graph_key_grad,
         "augment_on": augment_side(cfg),  # cfg.augment_on resolved ("auto")
         "checkpoint": final_path,
     }
-    if writes:
+    if setup.writes:
         run_folder.write_json(run_folder.join(cfg.model_dir, run_folder.RESULTS_FILE), results)
-    log(_summary(cfg, results))
+    setup.log(_summary(cfg, results))
     return results
