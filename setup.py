@@ -35,8 +35,9 @@ setup(
         "scikit-learn==1.9.1",
     ],
     extras_require={
-        # nbclient + nbformat + ipykernel (its "python3" kernel) execute the notebooks.
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        # nbclient + nbformat + ipykernel (its "python3" kernel) execute the notebooks;
+        # pytest-xdist runs the suite in two processes (pytest.ini).
+        "test": ["pytest", "pytest-xdist==3.8.0", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": [
         "wcl-train=wcl_tf.train:entry_point",

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 _SCRIPT = os.path.join(os.path.dirname(__file__), "determinism_run.py")
 _STEPS = 4
 
@@ -29,6 +31,10 @@ def _losses(runs):
     return out
 
 
+# Slow tier (CI's 20 minutes): three training processes. In the default tier,
+# test_preemption's resumed run must equal an uninterrupted run of another process bit for
+# bit, which needs the same per-process determinism.
+@pytest.mark.slow
 def test_same_seed_same_losses_in_two_processes(tmp_path):
     losses = _losses([("first", tmp_path / "a", 3), ("second", tmp_path / "b", 3),
                       ("other", tmp_path / "c", 4)])

@@ -24,6 +24,10 @@ def _run(model_dir, kill_at):
                           capture_output=True, text=True, timeout=600, env=env)
 
 
+# Slow tier (CI's 20 minutes): two training processes. In the default tier,
+# test_resume::test_latest_checkpoint_skips_a_file_cut_short checks that a file cut short
+# by a kill is skipped, and the SIGKILL / SIGTERM end-to-end runs resume from the newest.
+@pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_loses_nothing_saved(tmp_path):
     model_dir = tmp_path / "run"
     killed = _run(model_dir, kill_at=2)

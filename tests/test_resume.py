@@ -73,6 +73,10 @@ def _wait_for(path, proc, deadline, log_path):
     return time.time()
 
 
+# Slow tier (CI's 20 minutes): three training processes. In the default tier, the
+# two-worker SIGKILL in epoch 2 (test_multi_worker_run) resumes from the chief's checkpoint,
+# and test_preemption's SIGTERM mid-epoch resumes bit-identical to an uninterrupted run.
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_rerun_completes_the_same_schedule(tmp_path):
     model_dir = tmp_path / "run"
     ckpt = model_dir / "checkpoints"
