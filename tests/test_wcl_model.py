@@ -57,6 +57,10 @@ def test_two_replicas_equal_one_replica(two_replica_strategy):
         np.testing.assert_allclose(logs1[key], logs2[key], rtol=1e-5)
 
 
+# Slow tier (CI's 20 minutes): two 2-replica steps. In the default tier,
+# test_default_gather_is_the_authors_instance_gradient checks on 2 replicas that `local`
+# gives the authors' gradient and `full` one far from it.
+@pytest.mark.slow
 def test_local_gather_gradient_differs(two_replica_strategy):
     weights = _model().get_weights()
     batch = _batch()
