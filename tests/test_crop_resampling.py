@@ -206,6 +206,7 @@ def test_every_batched_path_is_pil_bilinear(side, size):
     ((600, 800), 6, 128, (0.05, 0.14)),  # several small crops scattered over the image
     ((300, 400), 3, 136, (0.01, 0.02)),  # enlarged; 136 is not a multiple of the block
     ((37, 53), 4, 130, (0.08, 1.0)),  # a region smaller than a band
+    ((150, 200), 2, 224, (1.0, 1.0)),  # the whole image enlarged: bands clamped at 4 edges
 ])
 def test_banded_and_window_by_window_crops_are_pil_bilinear(shape, count, size, scale,
                                                             monkeypatch):

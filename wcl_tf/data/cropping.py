@@ -198,72 +198,110 @@ def random_resized_crop(images, size, scale, ratio, seed):
 
 # Resampling the crops of one image. ScaleAndTranslate (TensorFlow's antialiased resize)
 # runs a scalar loop per output pixel and filter tap: about 2 ms per 224-px crop on this
-# project's CPU, whatever the window's size. _resample_in_bands computes all of an
-# image's crops at once as small matrix products (oneDNN-vectorized) over bands of source
-# rows, in about 30 ops for any number of crops. Measured on the shared photos, one core,
-# process CPU ms per image, min of 4 interleaved rounds (one-off scripts, not kept):
-#   decode + two 224-px crops in a tf.data map: ScaleAndTranslate per window 5.85-5.91;
-#   these bands 4.75-5.00; the same bands window by window (more ops per crop) 5.20-5.22
-#   host side of the device recipe (make_pretrain_dataset, 3 x 20 batches of 32, two
-#   rounds): 4.52-7.20 -> 4.40-4.93, a gain as small as this box's noise
-# The two agree to 7e-3 of a grey level (float32 sums in another order; 9e-5 of the
-# rounded pixels differ by one); tests/test_crop_resampling.py checks both against PIL.
-# The float32 bands hold about `count` times the region's pixels, so regions above this
-# many pixels x crops (2 megapixels for two views) go window by window through
+# project's CPU, whatever the window's size. _resample_in_bands computes each crop as
+# small matrix products (oneDNN-vectorized) over bands: rows first, one product per
+# _BAND_ROWS output rows reading the band of source rows their filters reach, then
+# columns, one product per _BAND_ROWS output columns reading a slice of the rows' result.
+# The column products take the pixels as they lie, channels innermost: their weights are
+# PIL's triangle weights times the 3 x 3 identity (an output channel reads only its own
+# channel), 3x the multiply-adds of a product per channel, so that no float tensor is
+# transposed on its channel axis. Such transposes (inner axis of 3 floats) run Eigen's
+# generic shuffle, about 4 ns per element here. TF profiler, tf.data map of a JPEG's
+# partial decode and two 224-px crops, one thread, the shared photos, op time per image on
+# a loaded box (one-off script, not kept): the previous version (all crops' rows at once
+# over the region's whole width, then a transpose to columns and one back) spent 8.7 ms in
+# its 3 Transposes and 6.8 ms in its 2 products; this one 4.6 ms in its 4 products, 0.3 ms
+# transposing (runs of 48 floats), about 3 ms in the rest (decode 1.0). Process CPU ms
+# per image in the same map, min of 8 interleaved rounds in one process: before 10.0, this
+# one 6.95, with 8 output columns per product 8.3, with 8 rows and 8 columns 8.8, with 32
+# rows 6.95; in a second run, before 12.4, this one 8.7, and both crops in the same
+# products (padded to a common width) 9.8. The crops agree with the previous version's
+# to one grey level (8e-6 of the pixels of 64 crops of the photos differ by one);
+# tests/test_crop_resampling.py checks both paths against PIL.
+# The float32 bands hold about the window's pixels times span / _BAND_ROWS, so regions
+# above this many pixels x crops (2 megapixels for two views) go window by window through
 # ScaleAndTranslate, whose buffers are a few crop-sized rows.
 _BANDED_MAX_PIXELS = 1 << 22
-# Crops smaller than this go window by window too: six 96-px multi-crop local crops are
-# scattered over the image, so each band spans the whole region's width for a small crop.
-# Host side of the device recipe with 6 local crops of 96 px, one core, images/s, two
-# interleaved rounds: bands for every size 97, 102 against 115, 118 window by window.
+# Crops smaller than this go window by window too: ScaleAndTranslate is faster for small
+# crops. Host side of the device recipe with 6 local crops of 96 px, one core, images/s,
+# two interleaved rounds (the previous bands): bands for every size 97, 102 against 115,
+# 118 window by window; this version's bands, decode and 6 crops in a tf.data map, CPU ms
+# per image, min of 6 interleaved rounds: 8.8 against 4.7 window by window.
 _BANDED_MIN_SIZE = 128
-# Output rows per matrix product. 16 was the fastest of 8, 16 and 24 window by window
-# (2.26, 1.94, 2.38 ms per 224-px crop, one thread); for whole images in tf.data, 8, 16
-# and 32 were the same within this box's noise (two views: 5.3-5.9 ms CPU per image).
+# Outputs per matrix product, on both axes (see the comparison above).
 _BAND_ROWS = 16
+
+
+def _band_weights(start, extent, size, length):
+    """PIL's triangle weights of one axis of one window, in blocks of _BAND_ROWS outputs.
+
+    start, extent: float32 scalars, the window on a source axis of `length` pixels. Returns
+    first (blocks,) int32, the first source pixel each block reads; span, the pixels every
+    block reads (first + span <= length); taps (blocks, span) int32, those pixels; and
+    weights (blocks, _BAND_ROWS, span) float32, renormalized over the pixels inside the
+    source (the axis's border, as PIL)."""
+    blocks = -(-size // _BAND_ROWS)
+    step = extent / size  # source pixels per output pixel
+    support = tf.maximum(step, 1.0)  # the triangle's half-width, widened when shrinking
+    centre = tf.reshape(start + (tf.range(blocks * _BAND_ROWS, dtype=tf.float32) + 0.5) * step,
+                        [blocks, _BAND_ROWS])
+    span = tf.minimum(tf.cast(tf.math.ceil((_BAND_ROWS - 1) * step + 2.0 * support), tf.int32)
+                      + 2, length)
+    # Every pixel a block's filters reach is in [first, first + span); moved inside the
+    # source where it would pass an edge (the weights of the extra pixels are 0).
+    first = tf.clip_by_value(tf.cast(tf.floor(centre[:, 0] - support), tf.int32), 0,
+                             length - span)
+    taps = first[:, None] + tf.range(span)
+    weights = tf.nn.relu(1.0 - tf.abs(tf.cast(taps, tf.float32)[:, None, :] + 0.5
+                                      - centre[:, :, None]) / support)
+    # divide_no_nan: padding outputs of the last block may fall past the source.
+    weights = tf.math.divide_no_nan(weights, tf.reduce_sum(weights, -1, keepdims=True))
+    return first, span, taps, weights
+
+
+def _resample_window_in_bands(region, size, start, extent):
+    """One window of _resample_in_bands: float32 (size, size, 3)."""
+    shape = tf.shape(region)
+    height, width = shape[0], shape[1]
+    # The columns this window's filters reach (plus a pixel), clipped to the region.
+    support = tf.maximum(extent[1] / size, 1.0)
+    left = tf.clip_by_value(tf.cast(tf.floor(start[1] - support), tf.int32) - 1, 0, width - 1)
+    cols = tf.clip_by_value(tf.cast(tf.math.ceil(start[1] + extent[1] + support), tf.int32)
+                            + 1, left + 1, width) - left
+    window = tf.reshape(tf.slice(region, tf.stack([0, left, 0]), tf.stack([-1, cols, -1])),
+                        [height, cols * 3])
+    # Rows: (blocks, _BAND_ROWS, span) x (blocks, span, cols * 3), the band of source rows
+    # of each block gathered as uint8 (a quarter of a float gather's memory traffic).
+    _, _, taps, weights = _band_weights(start[0], extent[0], size, height)
+    rows = tf.matmul(weights, tf.cast(tf.gather(window, taps), tf.float32))
+    rows = tf.reshape(rows, [-1, cols * 3])[:size]  # (size, cols * 3): pixels, channels
+    # Columns: each block's slice of span pixels (x 3 channels) of every row, times its
+    # weights with the 3 x 3 identity (weights[b, j, k] * [c == c']), so the products
+    # read and write channels innermost, as the pixels lie.
+    first, span, _, weights = _band_weights(start[1] - tf.cast(left, tf.float32), extent[1],
+                                            size, cols)
+    blocks = -(-size // _BAND_ROWS)
+    kron = (tf.transpose(weights, [0, 2, 1])[:, :, None, :, None]
+            * tf.eye(3)[None, None, :, None, :])  # (blocks, span, 3, _BAND_ROWS, 3)
+    kron = tf.reshape(kron, [blocks, span * 3, _BAND_ROWS * 3])
+    pieces = tf.stack([tf.slice(rows, tf.stack([0, first[b] * 3]), tf.stack([size, span * 3]))
+                       for b in range(blocks)])  # (blocks, size, span * 3)
+    out = tf.matmul(pieces, kron)  # (blocks, size, _BAND_ROWS * 3)
+    # Blocks of 48 floats to their place in each row: a transpose of 192-byte runs.
+    return tf.reshape(tf.transpose(out, [1, 0, 2]), [size, blocks * _BAND_ROWS, 3])[:, :size]
 
 
 def _resample_in_bands(region, size, start, extent):
     """PIL's bilinear resize (triangle filter widened by the shrink factor, weights
     renormalized at the borders: the convention above) of n windows of one image region.
 
-    region: uint8 (H, W, C); start, extent: float32 (n, 2), each window's [row, column]
-    start and size in pixels of the region. Returns float32 (n, size, size, C).
+    region: uint8 (H, W, 3); start, extent: float32 (n, 2), each window's [row, column]
+    start and size in pixels of the region, n static. Returns float32 (n, size, size, 3).
 
-    Rows first, then columns. Output rows go in blocks of _BAND_ROWS: a block reads one band
-    of `span` consecutive source rows (every row its filters reach), and is one
-    (_BAND_ROWS, span) x (span, W * C) product with dense weights."""
-    shape = tf.shape(region)
-    lengths, channels = shape[:2], shape[2]
-    n = tf.shape(start)[0]
-    blocks = -(-size // _BAND_ROWS)
-    padded = blocks * _BAND_ROWS
-    step = extent / size  # source pixels per output pixel, (n, 2)
-    support = tf.maximum(step, 1.0)  # the triangle's half-width, widened when shrinking
-    centre = (start[..., None]
-              + (tf.range(padded, dtype=tf.float32) + 0.5) * step[..., None])
-    centre = tf.reshape(centre, [n, 2, blocks, _BAND_ROWS])
-    first = tf.cast(tf.floor(centre[..., 0] - support[..., None]), tf.int32)
-    first = tf.clip_by_value(first, 0, lengths[:, None] - 1)  # (n, 2, blocks)
-    span = tf.cast(tf.math.ceil(tf.reduce_max((_BAND_ROWS - 1) * step + 2.0 * support)),
-                   tf.int32) + 2
-    taps = first[..., None] + tf.range(tf.minimum(span, tf.reduce_max(lengths)))
-    inside = taps < lengths[:, None, None]
-    taps = tf.minimum(taps, lengths[:, None, None] - 1)  # past the end: weight 0 below
-    weights = tf.nn.relu(1.0 - tf.abs(tf.cast(taps, tf.float32)[..., None, :] + 0.5
-                                      - centre[..., None])
-                         / support[..., None, None, None])  # (n, 2, blocks, rows, span)
-    weights = tf.where(inside[..., None, :], weights, 0.0)
-    # divide_no_nan: padding rows of the last block may fall past the region.
-    weights = tf.math.divide_no_nan(weights, tf.reduce_sum(weights, -1, keepdims=True))
-    # Gathered as uint8, then cast: a quarter of the memory traffic of a float gather.
-    flat = tf.reshape(region, [lengths[0], lengths[1] * channels])
-    rows = tf.matmul(weights[:, 0], tf.cast(tf.gather(flat, taps[:, 0]), tf.float32))
-    rows = tf.reshape(rows, [n, padded, lengths[1], channels])[:, :size]
-    rows = tf.reshape(tf.transpose(rows, [0, 2, 1, 3]), [n, lengths[1], size * channels])
-    out = tf.matmul(weights[:, 1], tf.gather(rows, taps[:, 1], batch_dims=1))
-    out = tf.reshape(out, [n, padded, size, channels])[:, :size]  # (n, column, row, C)
-    return tf.transpose(out, [0, 2, 1, 3])
+    Window by window (each reads only its own columns), rows first, then columns; both in
+    blocks of _BAND_ROWS outputs, one matrix product per block of each pass."""
+    return tf.stack([_resample_window_in_bands(region, size, start[i], extent[i])
+                     for i in range(start.shape[0])])
 
 
 def _crops(shape, read_region, count, size, scale, ratio, seed):
