@@ -41,7 +41,6 @@ CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 # Bound of the crop shuffle buffer of non-folder sources, in bytes of uint8 crops.
 _SHUFFLE_BYTES = 256 << 20
-PREPROCESSING = ("resize_center_crop", "squash")
 
 
 def resize_size(image_size):
