@@ -1,6 +1,6 @@
-"""Embedding a folder (wcl_tf.embedding, tools/embed) and searching it (wcl_tf.neighbors,
-tools/neighbors): against the SavedModel's serving signature, NumPy brute force, an
-uninterrupted run, and the one-line errors."""
+"""Embedding a folder (wcl_tf.encoder, embed_sources, embedding, tools/embed) and searching
+it (wcl_tf.neighbors, tools/neighbors): against the SavedModel's serving signature, NumPy
+brute force, an uninterrupted run, and the one-line errors."""
 
 import csv
 import json
@@ -15,6 +15,9 @@ from PIL import Image
 
 import wcl_tf
 from wcl_tf import embedding, export, run_folder
+from wcl_tf.embed_errors import EmbedError
+from wcl_tf.embed_sources import ImageFolder, TfdsSplit
+from wcl_tf.encoder import Encoder, load_encoder
 from wcl_tf.neighbors import Neighbors
 
 # The tiny model with non-trivial BN statistics (a wrong BN mode shows), at S = 16 px.
@@ -79,10 +82,10 @@ def test_embeddings_equal_the_saved_models_serving_outputs(setup, tmp_path, prep
     export_dir = str(tmp_path / "export")
     export.export_encoder(export.load_checkpoint(os.path.join(setup["run"], "final.keras")),
                           export_dir, S, preprocessing=preprocessing)
-    from_run = embedding.load_encoder(model_dir=setup["run"], preprocessing=preprocessing)
-    from_export = embedding.load_encoder(saved_model=export_dir)
+    from_run = load_encoder(model_dir=setup["run"], preprocessing=preprocessing)
+    from_export = load_encoder(saved_model=export_dir)
     assert from_run.fingerprint == from_export.fingerprint  # same weights, same record
-    source = embedding.ImageFolder(setup["images"])
+    source = ImageFolder(setup["images"])
     paths = [p for p in source.paths if "broken" not in p]
     expected = _serving(export_dir, paths)
     for encoder in (from_run, from_export):
@@ -100,10 +103,10 @@ def test_embeddings_equal_the_saved_models_serving_outputs(setup, tmp_path, prep
 
 def test_head_features_and_float16(setup, tmp_path):
     model = export.load_checkpoint(os.path.join(setup["run"], "final.keras"))
-    encoder = embedding.load_encoder(model_dir=setup["run"], features="graph_head")
-    source = embedding.ImageFolder(setup["images"])
+    encoder = load_encoder(model_dir=setup["run"], features="graph_head")
+    source = ImageFolder(setup["images"])
     got, files, _ = embedding.embed_array(encoder, source, dtype="float16")
-    x = np.stack([embedding.Encoder.preprocess(encoder, folder_image).numpy()
+    x = np.stack([Encoder.preprocess(encoder, folder_image).numpy()
                   for folder_image in _decoded(setup["images"], files)])
     expected = tf.math.l2_normalize(model.graph_head(model.backbone(x, training=False),
                                                      training=False), axis=1).numpy()
@@ -118,8 +121,8 @@ def _decoded(root, files):
 
 
 def test_a_kill_between_shards_and_a_rerun_give_the_same_files(setup, tmp_path):
-    encoder = embedding.load_encoder(model_dir=setup["run"])
-    source = embedding.ImageFolder(setup["images"])
+    encoder = load_encoder(model_dir=setup["run"])
+    source = ImageFolder(setup["images"])
     whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
     embedding.embed_to_folder(encoder, source, whole, batch_size=2, shard_size=3)
 
@@ -272,23 +275,23 @@ def test_bad_input_gives_one_line_errors(setup, tmp_path):
     no_model.mkdir()
     (no_model / "config.json").write_text(json.dumps({"image_size": S}))
     out = str(tmp_path / "emb")
-    encoder = embedding.load_encoder(model_dir=setup["run"])
-    other = embedding.load_encoder(model_dir=setup["other"])
-    source = embedding.ImageFolder(setup["images"])
+    encoder = load_encoder(model_dir=setup["run"])
+    other = load_encoder(model_dir=setup["other"])
+    source = ImageFolder(setup["images"])
     manifest = embedding.embed_to_folder(encoder, source, out)
     embedding.check_same_encoder(manifest, encoder, out)  # the same model: accepted
 
     def error(call, *args, **kwargs):
-        with pytest.raises(embedding.EmbedError) as info:
+        with pytest.raises(EmbedError) as info:
             call(*args, **kwargs)
         message = str(info.value)
         assert "\n" not in message
         return message
 
-    assert "no images in" in error(embedding.ImageFolder, str(empty))
-    assert "does not exist" in error(embedding.ImageFolder, str(tmp_path / "nowhere"))
-    assert "no model in" in error(embedding.load_encoder, model_dir=str(no_model))
-    assert "not found" in error(embedding.load_encoder, model_dir=str(tmp_path / "nowhere"))
+    assert "no images in" in error(ImageFolder, str(empty))
+    assert "does not exist" in error(ImageFolder, str(tmp_path / "nowhere"))
+    assert "no model in" in error(load_encoder, model_dir=str(no_model))
+    assert "not found" in error(load_encoder, model_dir=str(tmp_path / "nowhere"))
     assert "1 file(s) are not readable images" in error(
         embedding.embed_to_folder, encoder, source, str(tmp_path / "fail"),
         on_bad_image="fail")
@@ -307,7 +310,7 @@ def test_projector_log_map_and_sheet(setup, tmp_path, rng):
 
     from wcl_tf import embedding_views
 
-    source = embedding.ImageFolder(setup["images"])
+    source = ImageFolder(setup["images"])
     paths = [p for p in source.paths if "broken" not in p]
     rows = rng.normal(size=(len(paths), 6)).astype(np.float32)
     names = [os.path.relpath(p, setup["images"]) for p in paths]
@@ -343,8 +346,8 @@ def test_embedding_map(tmp_path, rng):
 
 
 def test_two_replicas_give_the_rows_of_one_device(setup, two_replica_strategy):
-    encoder = embedding.load_encoder(model_dir=setup["run"])
-    source = embedding.ImageFolder(setup["images"])
+    encoder = load_encoder(model_dir=setup["run"])
+    source = ImageFolder(setup["images"])
     one, files_one, _ = embedding.embed_array(encoder, source, batch_size=5)
     two, files_two, _ = embedding.embed_array(encoder, source, batch_size=5,
                                               strategy=two_replica_strategy)
@@ -353,8 +356,8 @@ def test_two_replicas_give_the_rows_of_one_device(setup, two_replica_strategy):
 
 
 def test_a_tfds_split_is_embedded_with_its_labels(setup, tmp_path):
-    encoder = embedding.load_encoder(model_dir=setup["run"])
-    source = embedding.TfdsSplit("embedded_mnist", "test", max_examples=60)
+    encoder = load_encoder(model_dir=setup["run"])
+    source = TfdsSplit("embedded_mnist", "test", max_examples=60)
     labels = [int(label) for _, label in source.ds.take(5).as_numpy_iterator()]
     out = str(tmp_path / "mnist")
     embedding.embed_to_folder(encoder, source, out, batch_size=16, shard_size=25)

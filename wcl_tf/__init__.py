@@ -14,8 +14,9 @@ TensorFlow):
 
 Using a trained encoder: `wcl_tf.embed(images, model_dir=...)` returns the embeddings of
 a folder of images and their file list, and `wcl_tf.Neighbors(embeddings)` searches them
-(faiss); see wcl_tf.embedding and wcl_tf.neighbors (the tools wcl_tf.tools.embed and
-wcl_tf.tools.neighbors do the same from the command line, for large collections).
+(faiss); see wcl_tf.encoder, wcl_tf.embedding and wcl_tf.neighbors (the tools
+wcl_tf.tools.embed and wcl_tf.tools.neighbors do the same from the command line, for large
+collections).
 
 Where the augmentation runs follows cfg.augment_on in both: "host" makes the views in
 tf.data; "device" ("auto" with a GPU/TPU) makes only the crops there (uint8) and the
@@ -75,12 +76,13 @@ def embed(images, model_dir=None, saved_model=None, checkpoint=None, features="b
     architecture). files: one dict per row, {"path" (relative to `images`), "class" (the
     class folder or ""), "height", "width"}; files that do not decode are skipped.
     In memory: for large collections write shards with `python -m wcl_tf.tools.embed`."""
-    from wcl_tf import embedding
+    from wcl_tf import embed_sources, embedding
+    from wcl_tf.encoder import load_encoder
 
-    encoder = embedding.load_encoder(model_dir=model_dir, checkpoint=checkpoint,
-                                     saved_model=saved_model, features=features,
-                                     random_init=random_init, seed=seed)
-    array, files, _ = embedding.embed_array(encoder, embedding.ImageFolder(images),
+    encoder = load_encoder(model_dir=model_dir, checkpoint=checkpoint,
+                           saved_model=saved_model, features=features,
+                           random_init=random_init, seed=seed)
+    array, files, _ = embedding.embed_array(encoder, embed_sources.ImageFolder(images),
                                             batch_size=batch_size, dtype=dtype,
                                             normalize=normalize, strategy=strategy)
     return array, files

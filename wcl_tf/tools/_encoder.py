@@ -37,10 +37,10 @@ def encoder_given():
 
 
 def load_from_flags():
-    """wcl_tf.embedding.load_encoder with the flags (EmbedError on a mistake)."""
-    from wcl_tf import embedding  # pylint: disable=import-outside-toplevel
+    """wcl_tf.encoder.load_encoder with the flags (EmbedError on a mistake)."""
+    from wcl_tf import encoder  # pylint: disable=import-outside-toplevel
 
-    return embedding.load_encoder(
+    return encoder.load_encoder(
         model_dir=FLAGS.model_dir, checkpoint=FLAGS.checkpoint, saved_model=FLAGS.saved_model,
         features=FLAGS.features, random_init=FLAGS.random_init, seed=FLAGS.seed,
         image_size=FLAGS.image_size, preprocessing=FLAGS.preprocessing)
@@ -48,9 +48,9 @@ def load_from_flags():
 
 def load_recorded(record):
     """The encoder an embeddings manifest records (its `encoder` entry)."""
-    from wcl_tf import embedding  # pylint: disable=import-outside-toplevel
+    from wcl_tf import encoder  # pylint: disable=import-outside-toplevel
 
-    return embedding.load_encoder(
+    return encoder.load_encoder(
         model_dir=record.get("model_dir"), checkpoint=record.get("checkpoint"),
         saved_model=record.get("saved_model"), features=record["features"],
         random_init=bool(record.get("random_init")), seed=int(record.get("seed") or 0),

@@ -72,17 +72,18 @@ def embed_main():
     if not _encoder.encoder_given():
         raise run_dir.UserError("pass --model_dir=RUN_DIR (or --saved_model=EXPORT_DIR): "
                                 "the encoder to embed with.")
-    from wcl_tf import embedding, strategy  # pylint: disable=import-outside-toplevel
+    from wcl_tf import (  # pylint: disable=import-outside-toplevel
+        embed_errors, embed_sources, embedding, strategy)
 
     if FLAGS.images:
-        source = embedding.ImageFolder(FLAGS.images)
+        source = embed_sources.ImageFolder(FLAGS.images)
     else:
-        source = embedding.TfdsSplit(FLAGS.dataset, FLAGS.split, FLAGS.data_dir,
-                                     FLAGS.download)
+        source = embed_sources.TfdsSplit(FLAGS.dataset, FLAGS.split, FLAGS.data_dir,
+                                         FLAGS.download)
     encoder = _encoder.load_from_flags()
     try:
         begin = embedding.read_manifest(FLAGS.out)["shards"][-1]["stop"]
-    except (embedding.EmbedError, IndexError, KeyError):
+    except (embed_errors.EmbedError, IndexError, KeyError):
         begin = 0
     run_dir.log(f"embedding {len(source)} images of {source.record()} with "
                 f"{encoder.describe()} -> {FLAGS.out}"

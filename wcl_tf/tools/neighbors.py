@@ -61,7 +61,7 @@ def _image_file(manifest, row):
 
 def _query_encoder(manifest):
     """The recorded encoder; a --model_dir/--saved_model given must hold the same weights."""
-    from wcl_tf import embedding  # pylint: disable=import-outside-toplevel
+    from wcl_tf import embed_errors, embedding  # pylint: disable=import-outside-toplevel
 
     recorded = manifest["encoder"]
     if _encoder.encoder_given():
@@ -70,16 +70,17 @@ def _query_encoder(manifest):
         return given
     try:
         return _encoder.load_recorded(recorded)
-    except embedding.EmbedError as err:
+    except embed_errors.EmbedError as err:
         raise run_dir.UserError(f"cannot load the encoder recorded in {FLAGS.embeddings!r} "
                                 f"({err}); pass --model_dir or --saved_model.") from None
 
 
 def _search(index, files, manifest, results):
-    from wcl_tf import embedding, embedding_views  # pylint: disable=import-outside-toplevel
+    from wcl_tf import (  # pylint: disable=import-outside-toplevel
+        embed_sources, embedding, embedding_views)
 
     encoder = _query_encoder(manifest)
-    queries = embedding.ImageFolder(FLAGS.query)
+    queries = embed_sources.ImageFolder(FLAGS.query)
     q, q_files, bad = embedding.embed_array(
         encoder, queries, batch_size=FLAGS.batch_size, normalize=manifest["normalize"])
     if bad:
