@@ -58,7 +58,7 @@ def _planes(images):
     a plain (b, H, W, 3) op 0.22). Unstacking the last axis, not a transpose to
     (3, b, H, W) first: TensorFlow's CPU transpose moves a tensor whose innermost axis is
     3 channels element by element (one thread, batch 32 of 224 px, process CPU time: 9-11
-    against 16-19 ms per batch; a product with the 3 x 3 identity 10-27)."""
+    against 16-22 ms per batch; a product with the 3 x 3 identity 10-27)."""
     return tf.unstack(images, axis=-1)
 
 
