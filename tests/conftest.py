@@ -20,11 +20,19 @@ SHARED_TFDS = os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tfds"))
 
 
+# Started first, so that the two pytest processes (pytest.ini: -n 2) end together instead
+# of one waiting for the other's last multi-minute test.
+_LONGEST = ("test_multi_worker_run.py::", "test_notebook.py::test_notebook_executes",
+            "test_preemption.py::test_sigterm", "test_installed_package.py::test_installed_")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked slow run only with WCL_SLOW_TESTS=1: CI (the README's test command)
     must stay within 20 minutes on a 2-core box; the slow tier repeats what the default
-    tier covers in a heavier form (benchmark modes other than step/gpu, a second
-    two-worker run, two-worker numerics that the mirrored tests already pin down)."""
+    tier covers in a heavier form (benchmark modes other than gpu, a second two-worker
+    run, two-worker numerics that the mirrored tests already pin down, kill-and-resume
+    variants; each slow test names its default-tier cousin). The longest tests go first."""
+    items.sort(key=lambda item: not any(name in item.nodeid for name in _LONGEST))
     if os.environ.get("WCL_SLOW_TESTS"):
         return
     skip = pytest.mark.skip(reason="slow tier: set WCL_SLOW_TESTS=1")

@@ -55,6 +55,9 @@ def test_weak_label_benchmark(tmp_path):
     assert "| 128 |" in stdout
 
 
+# Slow tier (CI's 20 minutes). In the default tier, the gpu check runs the step
+# benchmark with the augmentation on the device, and both host pipelines.
+@pytest.mark.slow
 def test_step_benchmark_with_local_crops_and_device_augmentation(tmp_path):
     """The step with local crops and the augmentation in the step: the row reports the
     augmentation's own time and its share of the step (host-augmented steps are timed by

@@ -63,6 +63,10 @@ def _cli(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+# Slow tier (CI's 20 minutes). In the default tier, test_installed_package trains
+# --config=demo through the CLI and checks the kNN line and flags.txt, and
+# test_top_level_configs_folder_is_the_packaged_one checks configs/ (this test's flagfile).
+@pytest.mark.slow
 def test_cli_demo_flagfile_runs_and_reports_knn(tmp_path):
     out = _cli("--flagfile=configs/demo.flags", f"--model_dir={tmp_path}", "--epochs=1",
                "--steps_per_epoch=2", "--max_eval_examples=200", "--verbose=0")
