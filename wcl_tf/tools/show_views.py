@@ -12,13 +12,19 @@ from absl import flags, logging  # noqa: E402
 
 from wcl_tf.tools import _cli  # noqa: E402
 
-flags.DEFINE_string("dataset", "embedded_mnist", "Dataset (TFDS name or embedded_mnist).")
-flags.DEFINE_string("data_dir", None, "TFDS folder.")
-flags.DEFINE_integer("image_size", 32, "View side in pixels.")
-flags.DEFINE_integer("num_images", 8, "Images shown.")
-flags.DEFINE_bool("blur", False, "Include Gaussian blur.")
-flags.DEFINE_string("out", "views.png", "PNG path.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    """The tool's flags, defined when it runs, not when it is imported: wcl_tf.train and
+    the benchmark define flags of the same names (--dataset, --out), and a process (a
+    test, a notebook) may import more than one tool."""
+    flags.DEFINE_string("dataset", "embedded_mnist", "Dataset (TFDS name or embedded_mnist).")
+    flags.DEFINE_string("data_dir", None, "TFDS folder.")
+    flags.DEFINE_integer("image_size", 32, "View side in pixels.")
+    flags.DEFINE_integer("num_images", 8, "Images shown.")
+    flags.DEFINE_bool("blur", False, "Include Gaussian blur.")
+    flags.DEFINE_string("out", "views.png", "PNG path.")
 
 
 def _main(argv):
@@ -37,9 +43,9 @@ def _main(argv):
     return 0
 
 
-
 def main():
     """Entry point of the module, of tools/show_views.py and of the console script."""
+    _define_flags()
     _cli.run(_main, __name__)
 
 
