@@ -301,6 +301,15 @@ def test_copies_point_at_their_lowest_copy():
     later_copy, mate = wl._duplicates(tf.math.l2_normalize(v, axis=1))
     np.testing.assert_array_equal(later_copy, [0, 0, 1, 1, 1, 0])
     np.testing.assert_array_equal(mate, [2, 3, 0, 1, 1, 6])
+def test_diagonal_blocks_are_mirrored(rng):
+    """A kernel need not return P[r, c] and P[c, r] bit for bit: the upper triangle is
+    kept and read for both."""
+    p = rng.normal(size=(5, 5)).astype(np.float32)
+    m = wl._mirrored(tf.constant(p)).numpy()
+    np.testing.assert_array_equal(m, m.T)
+    np.testing.assert_array_equal(np.triu(m), np.triu(p))
+
+
 def test_windows_layout():
     assert wl._layout(256, 256) == (1, 256)
     assert wl._layout(257, 256) == (3, 86)
