@@ -10,7 +10,8 @@ every replica of a distributed step.
 
 Why pointer doubling is exact here: the 1-NN graph is a functional graph (one
 outgoing edge per node), so each component holds exactly one cycle, and with a
-symmetric similarity (made bit-symmetric, whatever the matmul kernel returns) and a
+bit-symmetric similarity (nearest_neighbours computes each pair's value once and reads it
+for both orders; given a matrix, it is symmetrised) and a
 fixed tie-break every cycle has length 2 (a pair of
 mutual nearest neighbours; a longer cycle would need all its similarities equal and
 its tie-break indices to decrease around the cycle, which is impossible). Following
@@ -256,8 +257,10 @@ def _nearest_neighbours_in_windows(v, rows, hidden=None):
     of the rest (rows of later blocks, mod nb), over block k's rows. The candidate sets of a
     row split its columns, so its answer is the lowest column among the candidates
     attaining its largest value. A NaN there is attained by nothing: index n, clamped to
-    n - 1 as in _first_argmax. One window at a time in a loop (one compiled body; the
-    window's products stay in cache while they are reduced, and no n x n matrix is formed).
+    n - 1 as in _first_argmax. One window at a time in a loop: one compiled body (a strip
+    per block, unrolled, compiled 3-5x longer: docs/performance.md), the window's products
+    reduced while they are in cache, and no n x n matrix formed. `hidden` rows (bool (n,)) are masked like padding:
+    nobody's neighbour, their own answers meaningless.
     """
     w = _Windows(v, rows, hidden)
     n, rows, blocks, half = w.n, w.rows, w.blocks, w.half
@@ -341,9 +344,10 @@ def _weak_labels_xla(v):
 def weak_labels(v):
     """int32 component id per row of v (n, d); ids are row indices, not 0..C-1.
 
-    Always compiled with XLA, also inside a step that is not: XLA fuses the passes over the
-    n x n similarity matrix (self mask, row max, tie-break) that TensorFlow runs one by one,
-    1.3-1.6x faster on this project's CPU at n = 4096-16384 (docs/performance.md).
+    Always compiled with XLA, also inside a step that is not: XLA fuses the passes over each
+    window's products (mirror, masks, maxima, tie-breaks) that TensorFlow runs one by one.
+    For the previous whole-matrix path that was 1.3-1.6x faster on this project's CPU at
+    n = 4096-16384 (docs/performance.md); not re-measured for the windows.
     """
     return _weak_labels_xla(tf.stop_gradient(tf.cast(v, tf.float32)))
 
