@@ -49,8 +49,8 @@ def nearest_neighbours(v):
     if n is None:
         return nearest_neighbours_bounded(v)
     v = tf.cast(v, tf.float32)
-    # Copies found on the rows as given: normalising them can round identical rows
-    # differently (measured on TensorFlow's eager kernel).
+    # Copies found on the rows as given: TensorFlow's eager l2_normalize rounded 475 of 2547
+    # pairs of identical 8-d rows apart.
     later_copy, mate = _duplicates(v)
     v = tf.math.l2_normalize(v, axis=1)
     # Non-finite rows: no copy is set aside, so that every row is decided on U as before.
@@ -65,15 +65,16 @@ def _duplicates(v):
 
     Identical rows are exact ties in exact arithmetic, but the windows compute v_i . v_a and
     v_i . v_b in different products (and with the operands' roles swapped), whose rounding
-    can differ: measured, thousands of such ties broken the other way at n=4096. So a row
-    with copies points at its lowest copy (cosine 1, the largest there is), and the later
-    copies are masked as columns, which leaves each tie to the lowest index. Found by a
+    can differ: 164 of 4096 copied 128-d rows went to another copy than the lowest
+    (docs/performance.md). So a row with copies points at its lowest copy (cosine 1, the
+    largest there is), and the later copies are masked as columns, which leaves each tie
+    to the lowest index. Found by a
     stable sort on a hash of the rows' bits and a comparison with the previous sorted row:
     rows are merged only when equal (a hash collision between different rows interleaved
     with copies can only leave copies unmerged, to be decided on the computed values).
     """
     n, d = v.shape
-    prime = 2147483647  # 2^31 - 1: bits mod prime times weights < 2^62, sums of d < 2^63
+    prime = 2147483647  # 2^31 - 1: products of residues < 2^62, sums of d residues < 2^63
     weights = tf.constant([pow(1000003, k, prime) for k in range(d)], tf.int64)
     bits = tf.math.floormod(tf.cast(tf.bitcast(v, tf.int32), tf.int64), prime)
     key = tf.math.floormod(tf.reduce_sum(tf.math.floormod(bits * weights, prime), 1), prime)
@@ -257,9 +258,9 @@ def _nearest_neighbours_in_windows(v, rows, hidden=None):
     of the rest (rows of later blocks, mod nb), over block k's rows. The candidate sets of a
     row split its columns, so its answer is the lowest column among the candidates
     attaining its largest value. A NaN there is attained by nothing: index n, clamped to
-    n - 1 as in _first_argmax. One window at a time in a loop: one compiled body (a strip
-    per block, unrolled, compiled 3-5x longer: docs/performance.md), the window's products
-    reduced while they are in cache, and no n x n matrix formed. `hidden` rows (bool (n,)) are masked like padding:
+    n - 1 as in _first_argmax. One window at a time in a loop: one compiled body (unrolled
+    strips took about 2x the CPU time and compiled 1.8-3.6x as long: docs/performance.md),
+    the window's products reduced while they are in cache, and no n x n matrix formed. `hidden` rows (bool (n,)) are masked like padding:
     nobody's neighbour, their own answers meaningless.
     """
     w = _Windows(v, rows, hidden)
