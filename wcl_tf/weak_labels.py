@@ -188,7 +188,7 @@ def _nearest_neighbours(sim, finite):
 def _layout(n, rows):
     """(blocks, rows per block) for n rows: one block up to `rows` rows, else an odd number
     of blocks (each pair of distinct blocks then meets in exactly one window, see
-    _nearest_neighbours_in_windows) of about `rows` rows, padded by fewer than one block."""
+    _nearest_neighbours_in_windows) of about `rows` rows, padded by fewer than `blocks` rows."""
     if n <= rows:
         return 1, n
     blocks = -(-n // rows)
@@ -260,13 +260,14 @@ def _nearest_neighbours_in_windows(v, rows, hidden=None):
     attaining its largest value. A NaN there is attained by nothing: index n, clamped to
     n - 1 as in _first_argmax. One window at a time in a loop: one compiled body (unrolled
     strips took about 2x the CPU time and compiled 1.8-3.6x as long: docs/performance.md),
-    the window's products reduced while they are in cache, and no n x n matrix formed. `hidden` rows (bool (n,)) are masked like padding:
-    nobody's neighbour, their own answers meaningless.
+    the window's products reduced while they are in cache, and no n x n matrix formed.
+    `hidden` rows (bool (n,)) are masked like padding: nobody's neighbour, their own
+    answers meaningless.
     """
     w = _Windows(v, rows, hidden)
     n, rows, blocks, half = w.n, w.rows, w.blocks, w.half
     if blocks == 1:
-        best, first = _first_max(w.product(0), 1, tf.range(n, dtype=tf.int32))
+        _, first = _first_max(w.product(0), 1, tf.range(n, dtype=tf.int32))
         return tf.minimum(first, n - 1)
 
     def window(k):
