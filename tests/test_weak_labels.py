@@ -246,9 +246,9 @@ def _embeddings(rng, kind, n, d):
     return v
 
 
-@pytest.mark.parametrize("n", [2, 5, 13, 41])
+@pytest.mark.parametrize("n", [2, 13, 41])
 def test_windows_matrix_is_bit_symmetric_and_the_matmul(rng, n):
-    """With 4 rows a block (n = 13, 41: padded; n < 4: one block), U is exactly symmetric
+    """With 4 rows a block (n = 13, 41: padded; n = 2: one block), U is exactly symmetric
     and within rounding of V V^T, and the windows' 1-NN (eager and XLA) is the first
     maximum of each row of U - 3 I, ties included."""
     xla = tf.function(lambda x: wl._nearest_neighbours_in_windows(x, 4), jit_compile=True)
@@ -265,7 +265,7 @@ def test_windows_matrix_is_bit_symmetric_and_the_matmul(rng, n):
         np.testing.assert_array_equal(xla(unit), u_xla(unit).numpy().argmax(axis=1))
 
 
-@pytest.mark.parametrize("n", [2, 5, 13, 600])
+@pytest.mark.parametrize("n", [2, 13, 600])
 def test_nearest_neighbours_match_the_reference(rng, n, monkeypatch):
     """nearest_neighbours, eager and XLA, equals the float64 reference on random, clustered
     and exactly duplicated rows (copies: ties to the lowest index) in small blocks (4 rows:
@@ -320,13 +320,12 @@ def test_windows_layout():
 
 def test_non_finite_rows_give_valid_indices(rng, monkeypatch):
     """A NaN or infinite embedding (and a copied row): every index stays valid, eager and
-    XLA, in one block and in several, so that the step runs to its non-finite loss."""
-    for rows in (256, 4):
-        monkeypatch.setattr(wl, "_BLOCK_ROWS", rows)
-        xla = tf.function(wl.nearest_neighbours, jit_compile=True)
-        for bad in (np.nan, np.inf):
-            v = rng.normal(size=(13, 3)).astype(np.float32)
-            v[2] = v[5]
-            v[7, 1] = bad
-            for nn in (wl.nearest_neighbours(v).numpy(), xla(v).numpy()):
-                assert np.all((nn >= 0) & (nn < 13))
+    XLA, in padded 4-row blocks, so that the step runs to its non-finite loss."""
+    monkeypatch.setattr(wl, "_BLOCK_ROWS", 4)
+    xla = tf.function(wl.nearest_neighbours, jit_compile=True)
+    for bad in (np.nan, np.inf):
+        v = rng.normal(size=(13, 3)).astype(np.float32)
+        v[2] = v[5]
+        v[7, 1] = bad
+        for nn in (wl.nearest_neighbours(v).numpy(), xla(v).numpy()):
+            assert np.all((nn >= 0) & (nn < 13))
