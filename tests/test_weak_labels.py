@@ -310,6 +310,18 @@ def test_diagonal_blocks_are_mirrored(rng):
     np.testing.assert_array_equal(np.triu(m), np.triu(p))
 
 
+def test_padding_is_nobodys_neighbour():
+    """Row 0's similarities are all negative, below a zero padding row's 0: five rows in
+    blocks of 2 are three blocks, one padded row."""
+    v = np.array([[1, 0], [-0.5, 1], [-1, 0.1], [-1, 0.2], [-1, -0.3]], np.float32)
+    unit = tf.math.l2_normalize(v, axis=1)
+    want = reference.nearest_neighbours(v)
+    assert wl._layout(5, 2) == (3, 2) and want[0] == 1
+    np.testing.assert_array_equal(wl._nearest_neighbours_in_windows(unit, 2), want)
+    xla = tf.function(lambda x: wl._nearest_neighbours_in_windows(x, 2), jit_compile=True)
+    np.testing.assert_array_equal(xla(unit), want)
+
+
 def test_windows_layout():
     assert wl._layout(256, 256) == (1, 256)
     assert wl._layout(257, 256) == (3, 86)
