@@ -199,9 +199,13 @@ def test_last_bit_asymmetry_at_the_row_maximum():
 
 
 @pytest.mark.parametrize("n,d", [(512, 16), pytest.param(4096, 128, marks=pytest.mark.slow)])
-def test_weak_labels_equal_the_previous_implementation_on_embeddings(rng, n, d):
-    """weak_labels (XLA) against the whole-matrix symmetrisation of the same matmul, labels
-    bit for bit, on random, clustered and duplicate-holding embeddings."""
+def test_bound_path_equals_the_previous_implementation_on_embeddings(rng, n, d):
+    """The bound path (no static row count) under XLA against the whole-matrix
+    symmetrisation of the same matmul, labels bit for bit, on random, clustered and
+    duplicate-holding embeddings."""
+    def bounded(v):
+        return wl.components_of_functional_graph(wl.nearest_neighbours_bounded(v))
+
     def previous(v):
         v = tf.math.l2_normalize(v, axis=1)
         return wl.components_of_functional_graph(
@@ -211,7 +215,8 @@ def test_weak_labels_equal_the_previous_implementation_on_embeddings(rng, n, d):
     for v in (rng.normal(size=(n, d)), _clustered(rng, n, d, clusters=7, noise=0.01),
               np.repeat(rng.normal(size=(n // 2, d)), 2, axis=0)):
         v = tf.constant(v, tf.float32)
-        np.testing.assert_array_equal(wl.weak_labels(v).numpy(), previous(v).numpy())
+        np.testing.assert_array_equal(tf.function(bounded, jit_compile=True)(v).numpy(),
+                                      previous(v).numpy())
 
 
 def test_non_finite_similarities_take_the_whole_matrix_path(rng):
@@ -224,3 +229,115 @@ def test_non_finite_similarities_take_the_whole_matrix_path(rng):
     v[3, 0] = np.nan
     nn = wl.nearest_neighbours(v).numpy()
     assert np.all((nn >= 0) & (nn < 6))
+
+
+def _embeddings(rng, kind, n, d):
+    """Random, clustered, exactly duplicated (exact ties) or quantised (many equal
+    similarities) rows."""
+    if kind == "random":
+        return rng.normal(size=(n, d)).astype(np.float32)
+    if kind == "clustered":
+        return _clustered(rng, n, d, clusters=3, noise=0.05).astype(np.float32)
+    if kind == "duplicated":
+        v = rng.normal(size=(n, d))
+        return v[rng.integers(0, max(1, n // 2), n)].astype(np.float32)
+    v = rng.integers(-1, 2, size=(n, d)).astype(np.float32)
+    v[np.all(v == 0, axis=1)] = 1.0
+    return v
+
+
+@pytest.mark.parametrize("n", [2, 13, 41])
+def test_windows_matrix_is_bit_symmetric_and_the_matmul(rng, n):
+    """With 4 rows a block (n = 13, 41: padded; n = 2: one block), U is exactly symmetric
+    and within rounding of V V^T, and the windows' 1-NN (eager and XLA) is the first
+    maximum of each row of U - 3 I, ties included."""
+    xla = tf.function(lambda x: wl._nearest_neighbours_in_windows(x, 4), jit_compile=True)
+    u_xla = tf.function(lambda x: wl._symmetric_similarity(x, 4), jit_compile=True)
+    for kind in ("random", "clustered", "duplicated", "quantised"):
+        unit = tf.math.l2_normalize(_embeddings(rng, kind, n, 3), axis=1)
+        u = wl._symmetric_similarity(unit, 4).numpy()
+        np.testing.assert_array_equal(u, u.T)
+        np.testing.assert_allclose(u + 3 * np.eye(n), unit.numpy() @ unit.numpy().T,
+                                   rtol=0, atol=1e-6)
+        want = u.argmax(axis=1)  # NumPy's argmax takes the first maximum
+        np.testing.assert_array_equal(wl._nearest_neighbours_in_windows(unit, 4), want)
+        # The same products under XLA may round differently; the rule is the same.
+        np.testing.assert_array_equal(xla(unit), u_xla(unit).numpy().argmax(axis=1))
+
+
+@pytest.mark.parametrize("n", [2, 13, 600])
+def test_nearest_neighbours_match_the_reference(rng, n, monkeypatch):
+    """nearest_neighbours, eager and XLA, equals the float64 reference on random, clustered
+    and exactly duplicated rows (copies: ties to the lowest index) in small blocks (4 rows:
+    n = 13 padded, n = 2 one block) and in its own (n = 600: three blocks of 200)."""
+    if n < 600:
+        monkeypatch.setattr(wl, "_BLOCK_ROWS", 4)
+    xla = tf.function(wl.nearest_neighbours, jit_compile=True)
+    for kind in ("random", "clustered", "duplicated"):
+        v = _embeddings(rng, kind, n, 8)
+        nn = reference.nearest_neighbours(v)
+        np.testing.assert_array_equal(wl.nearest_neighbours(v), nn)
+        np.testing.assert_array_equal(xla(v), nn)
+        labels = wl.components_of_functional_graph(nn).numpy()
+        assert reference.same_partition(labels, reference.scipy_components(nn))
+
+
+def test_weak_labels_in_windows_match_scipy(rng):
+    """The public path in its own blocks: n = 257 is three blocks of 86 rows with one padded
+    row."""
+    for n in (257,):
+        for kind in ("random", "clustered", "duplicated"):
+            v = _embeddings(rng, kind, n, 8)
+            nn = reference.nearest_neighbours(v)
+            assert reference.same_partition(wl.weak_labels(v).numpy(),
+                                            reference.scipy_components(nn))
+
+
+def test_copies_point_at_their_lowest_copy():
+    """Rows 1, 3 and 4 are copies, 0 and 2 another pair; 5 is nearest to the first pair."""
+    a, b = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
+    v = np.array([b, a, b, a, a, [0.9, 0.1, 0.0]], np.float32)
+    np.testing.assert_array_equal(wl.nearest_neighbours(v), [2, 3, 0, 1, 1, 1])
+    later_copy, mate = wl._duplicates(tf.math.l2_normalize(v, axis=1))
+    np.testing.assert_array_equal(later_copy, [0, 0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(mate, [2, 3, 0, 1, 1, 6])
+def test_diagonal_blocks_are_mirrored(rng):
+    """A kernel need not return P[r, c] and P[c, r] bit for bit: the upper triangle is
+    kept and read for both."""
+    p = rng.normal(size=(5, 5)).astype(np.float32)
+    m = wl._mirrored(tf.constant(p)).numpy()
+    np.testing.assert_array_equal(m, m.T)
+    np.testing.assert_array_equal(np.triu(m), np.triu(p))
+
+
+def test_padding_is_nobodys_neighbour():
+    """Row 0's similarities are all negative, below a zero padding row's 0: five rows in
+    blocks of 2 are three blocks, one padded row."""
+    v = np.array([[1, 0], [-0.5, 1], [-1, 0.1], [-1, 0.2], [-1, -0.3]], np.float32)
+    unit = tf.math.l2_normalize(v, axis=1)
+    want = reference.nearest_neighbours(v)
+    assert wl._layout(5, 2) == (3, 2) and want[0] == 1
+    np.testing.assert_array_equal(wl._nearest_neighbours_in_windows(unit, 2), want)
+    xla = tf.function(lambda x: wl._nearest_neighbours_in_windows(x, 2), jit_compile=True)
+    np.testing.assert_array_equal(xla(unit), want)
+
+
+def test_windows_layout():
+    assert wl._layout(256, 256) == (1, 256)
+    assert wl._layout(257, 256) == (3, 86)
+    assert wl._layout(4096, 256) == (17, 241)  # 16 blocks would be even
+    blocks, rows = wl._layout(16384, 256)
+    assert blocks % 2 == 1 and 0 <= blocks * rows - 16384 < rows
+
+
+def test_non_finite_rows_give_valid_indices(rng, monkeypatch):
+    """A NaN or infinite embedding (and a copied row): every index stays valid, eager and
+    XLA, in padded 4-row blocks, so that the step runs to its non-finite loss."""
+    monkeypatch.setattr(wl, "_BLOCK_ROWS", 4)
+    xla = tf.function(wl.nearest_neighbours, jit_compile=True)
+    for bad in (np.nan, np.inf):
+        v = rng.normal(size=(13, 3)).astype(np.float32)
+        v[2] = v[5]
+        v[7, 1] = bad
+        for nn in (wl.nearest_neighbours(v).numpy(), xla(v).numpy()):
+            assert np.all((nn >= 0) & (nn < 13))
