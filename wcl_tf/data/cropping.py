@@ -283,7 +283,7 @@ def _band_weights(start, extent, size, length, mirror=None):
         centre = tf.where(mirror, tf.reverse(centre, [0]), centre)
     if blocks * _BAND_ROWS > size:
         # The last block's padding outputs (dropped by the callers) repeat its last real
-        # output: its taps then hold every real output's pixels in either order.
+        # output's centre, in either order within (_BAND_ROWS - 1) steps of its lowest.
         centre = tf.concat([centre, tf.fill([blocks * _BAND_ROWS - size], centre[-1])], 0)
     centre = tf.reshape(centre, [blocks, _BAND_ROWS])
     span = tf.minimum(tf.cast(tf.math.ceil((_BAND_ROWS - 1) * step + 2.0 * support), tf.int32)

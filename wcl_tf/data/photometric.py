@@ -2,7 +2,8 @@
 torchvision's colour jitter, grayscale and Gaussian blur, each applied per image with its
 probability (photometric() runs them in the recipe's order). The recipe's horizontal flip
 is made by the crop (cropping.random_resized_crop's and crops_of_image's flip): a mirrored
-resampling costs nothing, flip_left_right below about 1.1 ms per image at 224 px.
+resampling costs nothing, flip_left_right below about 1.6 ms per image (two 224-px views,
+one loaded thread; docs/performance.md, "The horizontal flip made by the crop").
 
 keras-cv 0.9.0 / Keras 3.15 versus plain TF, measured on this project's shared 2-core CPU
 box: batch 64 of 32x32 images inside `tf.data.Dataset.map`, images/s (best of 3-4 repeats;
@@ -246,9 +247,10 @@ def _chosen(prob, seed, count):
 def flip_left_right(images, flip):
     """Mirrors the images where the (b,) bool `flip` holds: one gather along the width
     (half the time of reversing every image and selecting). Not part of the recipe any
-    more (the crop mirrors, view_assembly.view_crop): 17.5 ms per batch of 32 views of
-    224 px, one thread, as TensorFlow moves the 3-float slices one by one; kept for the
-    op table of `python -m wcl_tf.tools.benchmark ops`."""
+    more (the crop mirrors, view_assembly.view_crop): 25.3 ms of CPU per batch of 32
+    views of 224 px on one loaded thread (TensorFlow moves the 3-float slices one by one;
+    docs/performance.md); kept for the op table of `python -m wcl_tf.tools.benchmark
+    ops`."""
     width = tf.shape(images)[2]
     forward = tf.range(width)
     columns = tf.where(flip[:, None], tf.reverse(forward, [0])[None, :], forward[None, :])

@@ -45,8 +45,8 @@ def view_crop(images_uint8, spec, seed, output_size):
     the seventh the flip (the draw photometric made when it flipped after the blur, so
     the flips are those of that order; the flip commutes with jitter, grayscale and blur,
     docs/method.md section 4.1). Mirroring in the crop's resampling costs nothing; a
-    separate flip of the float views cost about 1.1 ms per image at 224 px (two views),
-    docs/performance.md."""
+    separate flip of the float views cost about 1.6 ms of CPU per image at 224 px (two
+    views, one loaded thread; docs/performance.md)."""
     seeds = _split(seed, 7)
     crop_seed, flip_seed = seeds[0], seeds[6]
     images = tf.cast(images_uint8, tf.float32) / 255.0
@@ -79,7 +79,8 @@ class ViewAugmenter:
 
     def __call__(self, images_uint8, spec, seed, crop=True, static_shapes=False):
         """crop=False: the images are crops already (crops_of_image, flipped there), of
-        the output size; everything after the crop and flip is applied. static_shapes: see photometric.color_jitter."""
+        the output size; everything after the crop and flip is applied. static_shapes:
+        see photometric.color_jitter."""
         self._check(images_uint8, self.image_size if crop else self.output_size)
         if crop:
             images = view_crop(images_uint8, spec, seed, self.output_size)
