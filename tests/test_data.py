@@ -320,6 +320,11 @@ def test_pipeline_switches_from_weak_to_strong_after_warmup():
     ds = pipeline.make_pretrain_dataset(cfg, 8, strong_spec=STRONG_SMALL, weak_spec=WEAK_ID)
     first, second = list(ds.take(2))
     assert _equal_up_to_flip(first["view_1"], first["view_2"]).all()  # epoch 0: WEAK
+    # Cut per image (28-px MNIST at 16 px), each crop mirrored by its own draw: the two
+    # views' flips differ for some images, not all.
+    mirrored = np.abs(first["view_1"] - first["view_2"].numpy()[:, :, ::-1]).max(
+        axis=(1, 2, 3)) < 1e-4
+    assert 0 < mirrored.sum() < len(mirrored)
     assert not _equal_up_to_flip(second["view_1"], second["view_2"]).any()  # epoch 1
     # A run resumed at step 1 starts in epoch 1: STRONG at once.
     resumed = pipeline.make_pretrain_dataset(cfg, 8, strong_spec=STRONG_SMALL, weak_spec=WEAK_ID,

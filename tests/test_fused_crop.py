@@ -163,8 +163,9 @@ def test_pipeline_on_jpeg_folder(tmp_path, monkeypatch, local):
             assert a["local"].shape == (4, local, 16, 16, 3) and a["local"].dtype == np.float32
         assert 0.0 <= a["view_1"].min() and a["view_1"].max() <= 1.0
 
-    def full_decode(contents, count, size, scale, ratio, seed):
-        return cropping.crops_of_image(folder.decode(contents), count, size, scale, ratio, seed)
+    def full_decode(contents, count, size, scale, ratio, seed, flip=None):
+        return cropping.crops_of_image(folder.decode(contents), count, size, scale, ratio, seed,
+                                       flip)
 
     monkeypatch.setattr(cropping, "crops_of_encoded", full_decode)
     reference = _views(cfg)
@@ -180,8 +181,9 @@ def test_pipeline_on_png_folder_is_unchanged(tmp_path, monkeypatch):
                  seed=1)
     fused = _views(cfg, 2)
 
-    def full_decode(contents, count, size, scale, ratio, seed):
-        return cropping.crops_of_image(folder.decode(contents), count, size, scale, ratio, seed)
+    def full_decode(contents, count, size, scale, ratio, seed, flip=None):
+        return cropping.crops_of_image(folder.decode(contents), count, size, scale, ratio, seed,
+                                       flip)
 
     monkeypatch.setattr(cropping, "crops_of_encoded", full_decode)
     for a, b in zip(fused, _views(cfg, 2)):

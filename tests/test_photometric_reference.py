@@ -72,8 +72,8 @@ def _blur_reference(image, kernel_size, sigma):
 
 def _photometric_reference(images, spec, seed, blur_kernel):
     """photometric's recipe with its draws, in NumPy."""
-    (_, jitter_seed, jitter_p_seed, gray_p_seed, blur_p_seed, sigma_seed,
-     flip_seed) = recipe._split(seed, 7)
+    _, jitter_seed, jitter_p_seed, gray_p_seed, blur_p_seed, sigma_seed, _ = recipe._split(
+        seed, 7)
     b = len(images)
     draws = [d.numpy() for d in photometric._jitter_draws(
         b, spec.brightness, spec.contrast, spec.saturation, spec.hue, jitter_seed)]
@@ -87,8 +87,7 @@ def _photometric_reference(images, spec, seed, blur_kernel):
         blur = photometric._chosen(spec.blur_prob, blur_p_seed, b).numpy()
         for i in np.flatnonzero(blur):
             out[i] = _blur_reference(out[i], blur_kernel, sigma[i])
-    flip = photometric._chosen(0.5, flip_seed, b).numpy()
-    out[flip] = out[flip][:, :, ::-1]
+    # No flip: the crop makes it (view_assembly.view_crop, cropping.crop_flips).
     return np.clip(out, 0.0, 1.0)
 
 

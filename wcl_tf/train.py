@@ -70,8 +70,8 @@ _HELP = {
     "steps_per_epoch": "Steps per epoch (0: train examples // global batch).",
     "weak_aug_epochs": "Epochs that use the weaker MoCo v2 augmentation first.",
     "blur": "Gaussian blur in the augmentation (off for 32 px data).",
-    "augment_on": "Where jitter, grayscale, blur and flip run: host (tf.data), device "
-                  "(inside the train step; the host only decodes and crops) or auto "
+    "augment_on": "Where jitter, grayscale and blur run: host (tf.data), device "
+                  "(inside the train step; the host only decodes, crops and flips) or auto "
                   "(device when a GPU/TPU is present).",
     "num_local_crops": "Multi-crop: M small crops per image (0: two views only).",
     "local_crop_size": "Multi-crop: side of the local crops, in pixels.",

@@ -3,9 +3,11 @@
 With `augment_on="device"` the input pipeline stops after the crops (uint8, decoded and
 cropped on the host, 4x fewer bytes to feed than float views) and `WCLModel.train_step`
 runs `ViewAugmentation` on each replica's batch: colour jitter (torchvision semantics,
-random order per image), grayscale, Gaussian blur, horizontal flip, for the two views and
-the multi-crop local crops alike. It computes exactly what the host path computes
-(`view_assembly.cropped_views`, the same functions), only with seeds drawn on the device:
+random order per image), grayscale, Gaussian blur, for the two views and the multi-crop
+local crops alike (the horizontal flip is made by the host's crops, mirrored as they are
+resampled: see view_assembly.view_crop and cropping.crop_flips). It computes exactly what
+the host path computes (`view_assembly.cropped_views`, the same functions), only with
+seeds drawn on the device:
 
     seed of a replica's batch = fold_in(fold_in((cfg.seed, _DEVICE_STREAM), step), replica)
 
@@ -16,7 +18,8 @@ weak (MoCo v2) recipe is used while step // steps_per_epoch < weak_aug_epochs, a
 host.
 
 The single-op layers (ColorJitter, RandomGrayscale, RandomGaussianBlur,
-RandomHorizontalFlip) can be used on their own in a user's model: float images in [0, 1],
+RandomHorizontalFlip; ViewAugmentation does not use the last) can be used on their own in a
+user's model: float images in [0, 1],
 applied when training=True, seeded per call from a Keras SeedGenerator (or a (2,) seed
 passed to call). keras-cv is used where it computes the same transform (Grayscale); its
 RandomColorJitter, RandomGaussianBlur and RandomApply are not torchvision's transforms or
@@ -160,10 +163,11 @@ class ViewAugmentation(keras.layers.Layer):
 
     call(views, step, steps_per_epoch, replica_id=0, static_shapes=False): views
     {"view_1", "view_2": uint8 (b, S, S, 3)[, "local": uint8 (b, M, L, L, 3)]}, the
-    crops the input pipeline makes with augment_on="device". Returns the same keys as float32 in [0, 1]: what the host
-    path's view_assembly.cropped_views returns for the same crops and the seed
-    replica_seed(seed, step, replica_id). static_shapes: no data-dependent shapes (an
-    XLA-compiled step, a TPU; photometric.color_jitter says what it costs).
+    crops (already flipped) the input pipeline makes with augment_on="device". Returns
+    the same keys as float32 in [0, 1]: what the host path's view_assembly.cropped_views
+    returns for the same crops and the seed replica_seed(seed, step, replica_id).
+    static_shapes: no data-dependent shapes (an XLA-compiled step, a TPU;
+    photometric.color_jitter says what it costs).
     """
 
     def __init__(self, image_size, local_size=None, blur=False, seed=0, weak_aug_epochs=0,

@@ -25,6 +25,8 @@ from wcl_tf.data.recipe import _split, _uniform
 # Random resized crop: candidate boxes drawn per image before falling back to a centre
 # crop (torchvision draws up to 10, then takes a centre crop; see crop_boxes).
 _CROP_TRIES = 10
+# Folded into a crop seed for the flips of its crops (crop_flips), apart from the boxes.
+_FLIP_STREAM = 0xF119
 
 
 def crop_boxes(count, scale, ratio, seed, image_aspect=1.0):
@@ -59,6 +61,18 @@ def crop_boxes(count, scale, ratio, seed, image_aspect=1.0):
     top = tf.where(any_fits, _uniform([count], y_seed, 0.0, 1.0), 0.5) * (1.0 - height)
     left = tf.where(any_fits, _uniform([count], x_seed, 0.0, 1.0), 0.5) * (1.0 - width)
     return tf.stack([top, left, top + height, left + width], axis=1)
+
+
+def crop_flips(seed, count):
+    """(count,) bool, each true with probability 0.5: the horizontal flips of the `count`
+    crops whose boxes crop_boxes draws from `seed` ((2,) int), for the per-image crops
+    (crops_of_image's flip). Drawn from stateless_fold_in(seed, _FLIP_STREAM), a stream
+    apart from the boxes' draws: the boxes are those drawn without flips. The flip of
+    the authors' recipe comes right after the crop (torchvision RandomHorizontalFlip) and
+    commutes with the colour steps and the blur, so the crop makes it (docs/method.md
+    section 4.1)."""
+    flip_seed = tf.random.experimental.stateless_fold_in(seed, _FLIP_STREAM)
+    return _uniform([count], flip_seed, 0.0, 1.0) < 0.5
 
 
 # Resampling of the crops. torchvision resizes the cropped PIL image with PIL's bilinear
@@ -167,10 +181,14 @@ def _pil_weights(start, end, length, size):
 _DENSE_MAX_SIDE = 64
 
 
-def random_resized_crop(images, size, scale, ratio, seed):
+def random_resized_crop(images, size, scale, ratio, seed, flip=None):
     """torchvision RandomResizedCrop, vectorized: (b, S, S, 3) float -> (b, size, size, 3),
     one crop per (square) image; see crop_boxes. Resampled as PIL's bilinear resize of the
-    window (antialiased when it is shrunk, see above)."""
+    window (antialiased when it is shrunk, see above).
+
+    flip: None, or (b,) bool: those crops come out mirrored left-right (the crop of the
+    same box, reversed along the width), at no cost: the resampling reads the window's
+    columns in mirrored order (see the three paths below). The boxes do not depend on it."""
     b = tf.shape(images)[0]
     boxes = crop_boxes(b, scale, ratio, seed)
     images = tf.cast(images, tf.float32)
@@ -180,19 +198,34 @@ def random_resized_crop(images, size, scale, ratio, seed):
         # One edge pixel on each side (concat: cheaper than tf.pad's SYMMETRIC mode).
         padded = tf.concat([images[:, :1], images, images[:, -1:]], axis=1)
         padded = tf.concat([padded[:, :, :1], padded, padded[:, :, -1:]], axis=2)
-        return tf.image.crop_and_resize(padded, _pil_boxes_for_crop_and_resize(
-            boxes, side, side, size), tf.range(b), [size, size], method="bilinear")
+        pil_boxes = _pil_boxes_for_crop_and_resize(boxes, side, side, size)
+        if flip is not None:
+            # x1 > x2 samples the box right to left: a mirrored crop (tf.image docs).
+            y1, x1, y2, x2 = tf.unstack(pil_boxes, axis=1)
+            pil_boxes = tf.stack([y1, tf.where(flip, x2, x1), y2, tf.where(flip, x1, x2)],
+                                 axis=1)
+        return tf.image.crop_and_resize(padded, pil_boxes, tf.range(b), [size, size],
+                                        method="bilinear")
     if side is not None and side <= _DENSE_MAX_SIDE:
         # Small images (multi-crop local crops of 32-px images): rows, then columns.
         top, left, bottom, right = tf.unstack(boxes, axis=1)
         rows = _pil_weights(top, bottom, side, size)
         cols = _pil_weights(left, right, side, size)
+        if flip is not None:  # Output column j reads what column size - 1 - j reads.
+            cols = tf.where(flip[:, None, None], tf.reverse(cols, [1]), cols)
         return tf.einsum("bjx,bixc->bijc", cols, tf.einsum("biy,byxc->bixc", rows, images))
-    # Windows may be shrunk (multi-crop local crops): one antialiased resize per image.
+    # Windows may be shrunk (multi-crop local crops): one antialiased resize per image
+    # (ScaleAndTranslate takes no mirrored scale: the small result is reversed instead).
     height, width = tf.shape(images)[1], tf.shape(images)[2]
+    if flip is None:
+        flip = tf.zeros([b], tf.bool)
+
+    def crop(args):
+        out = _resample_window(args[0][tf.newaxis], args[1], size, height, width)
+        return tf.cond(args[2], lambda: tf.reverse(out, [1]), lambda: out)
+
     return tf.map_fn(
-        lambda args: _resample_window(args[0][tf.newaxis], args[1], size, height, width),
-        (images, boxes),
+        crop, (images, boxes, flip),
         fn_output_signature=tf.TensorSpec([size, size, images.shape[-1]], tf.float32))
 
 
@@ -232,35 +265,45 @@ _BANDED_MIN_SIZE = 128
 _BAND_ROWS = 16
 
 
-def _band_weights(start, extent, size, length):
+def _band_weights(start, extent, size, length, mirror=None):
     """PIL's triangle weights of one axis of one window, in blocks of _BAND_ROWS outputs.
 
-    start, extent: float32 scalars, the window on a source axis of `length` pixels. Returns
-    first (blocks,) int32, the first source pixel each block reads; span, the pixels every
-    block reads (first + span <= length); taps (blocks, span) int32, those pixels; and
-    weights (blocks, _BAND_ROWS, span) float32, renormalized over the pixels inside the
-    source (the axis's border, as PIL)."""
+    start, extent: float32 scalars, the window on a source axis of `length` pixels; mirror:
+    None or a bool scalar tensor, true for the outputs in reverse order (output i gets the
+    weights of output size - 1 - i: a mirrored crop). Returns first (blocks,) int32, the
+    first source pixel each block reads; span, the pixels every block reads (first + span
+    <= length); taps (blocks, span) int32, those pixels; and weights (blocks, _BAND_ROWS,
+    span) float32, renormalized over the pixels inside the source (the axis's border, as
+    PIL)."""
     blocks = -(-size // _BAND_ROWS)
     step = extent / size  # source pixels per output pixel
     support = tf.maximum(step, 1.0)  # the triangle's half-width, widened when shrinking
-    centre = tf.reshape(start + (tf.range(blocks * _BAND_ROWS, dtype=tf.float32) + 0.5) * step,
-                        [blocks, _BAND_ROWS])
+    centre = start + (tf.range(size, dtype=tf.float32) + 0.5) * step
+    if mirror is not None:
+        centre = tf.where(mirror, tf.reverse(centre, [0]), centre)
+    if blocks * _BAND_ROWS > size:
+        # The last block's padding outputs (dropped by the callers) repeat its last real
+        # output's centre, in either order within (_BAND_ROWS - 1) steps of its lowest.
+        centre = tf.concat([centre, tf.fill([blocks * _BAND_ROWS - size], centre[-1])], 0)
+    centre = tf.reshape(centre, [blocks, _BAND_ROWS])
     span = tf.minimum(tf.cast(tf.math.ceil((_BAND_ROWS - 1) * step + 2.0 * support), tf.int32)
                       + 2, length)
-    # Every pixel a block's filters reach is in [first, first + span); moved inside the
-    # source where it would pass an edge (the weights of the extra pixels are 0).
-    first = tf.clip_by_value(tf.cast(tf.floor(centre[:, 0] - support), tf.int32), 0,
-                             length - span)
+    # Every pixel a block's filters reach is in [first, first + span) (the block's centres
+    # lie within (_BAND_ROWS - 1) steps of its lowest); moved inside the source where it
+    # would pass an edge (the weights of the extra pixels are 0).
+    first = tf.clip_by_value(tf.cast(tf.floor(tf.reduce_min(centre, 1) - support), tf.int32),
+                             0, length - span)
     taps = first[:, None] + tf.range(span)
     weights = tf.nn.relu(1.0 - tf.abs(tf.cast(taps, tf.float32)[:, None, :] + 0.5
                                       - centre[:, :, None]) / support)
-    # divide_no_nan: padding outputs of the last block may fall past the source.
+    # divide_no_nan: a guard; every output, padding included, has a real centre.
     weights = tf.math.divide_no_nan(weights, tf.reduce_sum(weights, -1, keepdims=True))
     return first, span, taps, weights
 
 
-def _resample_window_in_bands(region, size, start, extent):
-    """One window of _resample_in_bands: float32 (size, size, 3)."""
+def _resample_window_in_bands(region, size, start, extent, mirror=None):
+    """One window of _resample_in_bands: float32 (size, size, 3); mirrored left-right
+    where the bool scalar `mirror` holds (the column pass's weights in reverse order)."""
     shape = tf.shape(region)
     height, width = shape[0], shape[1]
     # The columns this window's filters reach (plus a pixel), clipped to the region.
@@ -279,7 +322,7 @@ def _resample_window_in_bands(region, size, start, extent):
     # weights with the 3 x 3 identity (weights[b, j, k] * [c == c']), so the products
     # read and write channels innermost, as the pixels lie.
     first, span, _, weights = _band_weights(start[1] - tf.cast(left, tf.float32), extent[1],
-                                            size, cols)
+                                            size, cols, mirror)
     blocks = -(-size // _BAND_ROWS)
     kron = (tf.transpose(weights, [0, 2, 1])[:, :, None, :, None]
             * tf.eye(3)[None, None, :, None, :])  # (blocks, span, 3, _BAND_ROWS, 3)
@@ -291,26 +334,28 @@ def _resample_window_in_bands(region, size, start, extent):
     return tf.reshape(tf.transpose(out, [1, 0, 2]), [size, blocks * _BAND_ROWS, 3])[:, :size]
 
 
-def _resample_in_bands(region, size, start, extent):
+def _resample_in_bands(region, size, start, extent, flip=None):
     """PIL's bilinear resize (triangle filter widened by the shrink factor, weights
     renormalized at the borders: the convention above) of n windows of one image region.
 
     region: uint8 (H, W, 3); start, extent: float32 (n, 2), each window's [row, column]
-    start and size in pixels of the region, n static. Returns float32 (n, size, size, 3).
+    start and size in pixels of the region, n static; flip: None or (n,) bool, the
+    windows to mirror left-right. Returns float32 (n, size, size, 3).
 
     Window by window (each reads only its own columns), rows first, then columns; both in
     blocks of _BAND_ROWS outputs, one matrix product per block of each pass."""
-    return tf.stack([_resample_window_in_bands(region, size, start[i], extent[i])
+    return tf.stack([_resample_window_in_bands(region, size, start[i], extent[i],
+                                               None if flip is None else flip[i])
                      for i in range(start.shape[0])])
 
 
-def _crops(shape, read_region, count, size, scale, ratio, seed):
+def _crops(shape, read_region, count, size, scale, ratio, seed, flip=None):
     """crops_of_image / crops_of_jpeg: `count` crops of an image of `shape` ([height,
     width, ...]), boxes drawn at its own size and aspect ratio, resampled from the one
     rectangle that holds every window _window_geometry reads (the boxes plus the filter's
     margin): read_region(origin, extent) returns that rectangle, uint8 (rows, cols, 3), for
     its [top, left] origin and [rows, cols] extent. uint8 (count, size, size, 3); count is
-    a Python int."""
+    a Python int. flip: None or (count,) bool, the crops to mirror left-right."""
     height, width = shape[0], shape[1]
     aspect = tf.cast(width, tf.float32) / tf.cast(height, tf.float32)
     boxes = crop_boxes(count, scale, ratio, seed, image_aspect=aspect)
@@ -325,16 +370,18 @@ def _crops(shape, read_region, count, size, scale, ratio, seed):
         start = tf.stack([boxes[:, 0], boxes[:, 1]], axis=1) * hw
         end = tf.stack([boxes[:, 2], boxes[:, 3]], axis=1) * hw
         return _resample_in_bands(region, size, start - tf.cast(origin, tf.float32),
-                                  tf.maximum(end - start, 1e-3))
+                                  tf.maximum(end - start, 1e-3), flip)
 
     def window_by_window():
         crops = []
         for i in range(count):
             window = tf.slice(region, tf.stack([top[i] - origin[0], left[i] - origin[1], 0]),
                               tf.stack([rows[i], cols[i], -1]))
-            crops.append(_scale_window(window[tf.newaxis], size,
-                                       [box_scale[0][i], box_scale[1][i]],
-                                       [shift[0][i], shift[1][i]]))
+            crop = _scale_window(window[tf.newaxis], size, [box_scale[0][i], box_scale[1][i]],
+                                 [shift[0][i], shift[1][i]])
+            if flip is not None:  # No mirrored scale in ScaleAndTranslate: reversed.
+                crop = tf.cond(flip[i], lambda c=crop: tf.reverse(c, [1]), lambda c=crop: c)
+            crops.append(crop)
         return tf.stack(crops)
 
     if size < _BANDED_MIN_SIZE:
@@ -346,7 +393,7 @@ def _crops(shape, read_region, count, size, scale, ratio, seed):
     return tf.cast(tf.clip_by_value(tf.round(crops), 0.0, 255.0), tf.uint8)
 
 
-def crops_of_image(image_uint8, count, size, scale, ratio, seed):
+def crops_of_image(image_uint8, count, size, scale, ratio, seed, flip=None):
     """`count` random resized crops of ONE image of any size: uint8 (H, W, 3) ->
     uint8 (count, size, size, 3).
 
@@ -354,11 +401,14 @@ def crops_of_image(image_uint8, count, size, scale, ratio, seed):
     order: crop, then resize), so nothing is stretched and small crops keep their detail.
     Each window is resampled as PIL's bilinear resize (antialiased when shrunk), from the
     rectangle that holds every window (what crops_of_jpeg decodes), by _crops.
+    flip: None, or (count,) bool (e.g. crop_flips(seed, count)): those crops come out
+    mirrored left-right, the crop of the same box reversed along the width (at no cost:
+    the column weights are taken in mirrored order). The boxes do not depend on it.
     """
     return _crops(tf.shape(image_uint8),
                   lambda origin, extent: tf.slice(image_uint8, tf.concat([origin, [0]], 0),
                                                   tf.concat([extent, [-1]], 0)),
-                  count, size, scale, ratio, seed)
+                  count, size, scale, ratio, seed, flip)
 
 
 def decode_image(contents):
@@ -370,7 +420,7 @@ def decode_image(contents):
     return image
 
 
-def crops_of_jpeg(contents, count, size, scale, ratio, seed):
+def crops_of_jpeg(contents, count, size, scale, ratio, seed, flip=None):
     """crops_of_image of the image encoded as JPEG in `contents` (scalar string), decoding
     only what the crops read: uint8 (count, size, size, 3).
 
@@ -382,18 +432,20 @@ def crops_of_jpeg(contents, count, size, scale, ratio, seed):
     weights as crops_of_image. The result is
     crops_of_image(decode(contents), ...) up to libjpeg's decoding of a cropped region
     (DCT-block smoothing at the region's border, about one grey level at most pixels it
-    touches; tests/test_fused_crop.py bounds it)."""
+    touches; tests/test_fused_crop.py bounds it). flip: as crops_of_image."""
     return _crops(tf.image.extract_jpeg_shape(contents),
                   lambda origin, extent: tf.io.decode_and_crop_jpeg(
                       contents, tf.concat([origin, extent], 0), channels=3),
-                  count, size, scale, ratio, seed)
+                  count, size, scale, ratio, seed, flip)
 
 
-def crops_of_encoded(contents, count, size, scale, ratio, seed):
+def crops_of_encoded(contents, count, size, scale, ratio, seed, flip=None):
     """crops_of_image of an encoded image (scalar string): JPEGs through crops_of_jpeg
     (fused decode and crop, one partial decode per image), other formats (PNG, GIF, BMP,
-    WebP) decoded whole, then crops_of_image. uint8 (count, size, size, 3)."""
+    WebP) decoded whole, then crops_of_image. uint8 (count, size, size, 3). flip: as
+    crops_of_image."""
     return tf.cond(
         tf.io.is_jpeg(contents),
-        lambda: crops_of_jpeg(contents, count, size, scale, ratio, seed),
-        lambda: crops_of_image(decode_image(contents), count, size, scale, ratio, seed))
+        lambda: crops_of_jpeg(contents, count, size, scale, ratio, seed, flip),
+        lambda: crops_of_image(decode_image(contents), count, size, scale, ratio, seed,
+                               flip))

@@ -1,6 +1,9 @@
 """The photometric steps of a view, after its crop, on float (b, S, S, 3) batches in [0, 1]:
-torchvision's colour jitter, grayscale, Gaussian blur and horizontal flip, each applied per
-image with its probability (photometric() runs them in the recipe's order).
+torchvision's colour jitter, grayscale and Gaussian blur, each applied per image with its
+probability (photometric() runs them in the recipe's order). The recipe's horizontal flip
+is made by the crop (cropping.random_resized_crop's and crops_of_image's flip): a mirrored
+resampling costs nothing, flip_left_right below about 1.6 ms per image (two 224-px views,
+one loaded thread; docs/performance.md, "The horizontal flip made by the crop").
 
 keras-cv 0.9.0 / Keras 3.15 versus plain TF, measured on this project's shared 2-core CPU
 box: batch 64 of 32x32 images inside `tf.data.Dataset.map`, images/s (best of 3-4 repeats;
@@ -26,7 +29,8 @@ the box was shared, so +-30%; where two runs differed, both):
     a slightly darker frame a few pixels wide, and it draws sigma from its own layer
     generator, which no per-batch seed reaches. gaussian_blur below reflects and takes
     sigma from the stateless seed; only ImageNet-sized runs blur.
-(3) Same speed within noise; the stateless mask makes views reproducible (--seed).
+(3) Same speed within noise; the stateless mask makes views reproducible (--seed). The
+    recipe no longer runs it: the crops are mirrored as they are resampled (see above).
 RandomApply runs its layer image by image (tf.map_fn): a per-image mask from the
 stateless seed is used instead (apply_with_prob, _on_chosen).
 """
@@ -242,7 +246,11 @@ def _chosen(prob, seed, count):
 
 def flip_left_right(images, flip):
     """Mirrors the images where the (b,) bool `flip` holds: one gather along the width
-    (half the time of reversing every image and selecting)."""
+    (half the time of reversing every image and selecting). Not part of the recipe any
+    more (the crop mirrors, view_assembly.view_crop): 25.3 ms of CPU per batch of 32
+    views of 224 px on one loaded thread (TensorFlow moves the 3-float slices one by one;
+    docs/performance.md); kept for the op table of `python -m wcl_tf.tools.benchmark
+    ops`."""
     width = tf.shape(images)[2]
     forward = tf.range(width)
     columns = tf.where(flip[:, None], tf.reverse(forward, [0])[None, :], forward[None, :])
@@ -291,19 +299,22 @@ def blur_kernel_size(image_size):
 
 
 def photometric(images, spec, seed, blur_kernel=None, grayscale=None, static_shapes=False):
-    """Everything of the recipe after the crop, on float (b, S, S, 3) images in [0, 1]:
-    colour jitter (p = spec.jitter_prob), grayscale (spec.grayscale_prob), Gaussian blur
-    (spec.blur_prob, only when blur_kernel is an odd size), horizontal flip (0.5).
+    """Everything of the recipe after the crop and flip, on float (b, S, S, 3) images in
+    [0, 1]: colour jitter (p = spec.jitter_prob), grayscale (spec.grayscale_prob),
+    Gaussian blur (spec.blur_prob, only when blur_kernel is an odd size).
 
     seed: (2,) int tensor; it is split exactly as ViewAugmenter splits a view's seed (the
-    first part is the crop's), so the same crops and seed give the same view whether this
-    runs in tf.data (host) or inside train_step (device, wcl_tf.data.augment_layers).
+    first part is the crop's, the seventh the flip's: view_assembly.view_crop draws both),
+    so the same crops and seed give the same view whether this runs in tf.data (host) or
+    inside train_step (device, wcl_tf.data.augment_layers). The flip commutes with these
+    steps (per-pixel colour, a symmetric blur kernel and reflect padding), so flipping
+    the crop first gives the views of the former order, flip last.
     grayscale: a callable (b, S, S, 3) -> (b, S, S, 3); keras-cv's Grayscale by default.
     static_shapes: see color_jitter (for XLA-compiled steps and TPUs).
     Returns float32 (b, S, S, 3) in [0, 1].
     """
-    (_, jitter_seed, jitter_p_seed, gray_p_seed, blur_p_seed, sigma_seed,
-     flip_seed) = _split(seed, 7)
+    # Seven parts, as before the flip moved to the crop: the same draws as then.
+    _, jitter_seed, jitter_p_seed, gray_p_seed, blur_p_seed, sigma_seed, _ = _split(seed, 7)
     images = tf.cast(images, tf.float32)
     b = tf.shape(images)[0]
     # Each step is computed only for the images it applies to (static_shapes: for all,
@@ -321,7 +332,6 @@ def photometric(images, spec, seed, blur_kernel=None, grayscale=None, static_sha
         images = _on_chosen(_chosen(spec.blur_prob, blur_p_seed, b), images,
                             lambda x, s: gaussian_blur(x, blur_kernel, s), (sigma,),
                             static_shapes)
-    images = flip_left_right(images, _chosen(0.5, flip_seed, b))
     return _clip01(images)
 
 

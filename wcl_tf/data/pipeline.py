@@ -37,11 +37,12 @@ Images of any other size (ImageNet, image folders, 32-px data trained at 224 px)
 cropped one by one from the full-resolution image before batching, as torchvision's
 RandomResizedCrop does (a crop of the original, resized to S; never a stretched S x S copy):
 
-    -> 2 view crops (+ M local crops) per image, seeded per image; encoded JPEGs (image
+    -> 2 view crops (+ M local crops) per image, seeded per image, each mirrored with
+       p = 0.5 (the recipe's flip, cropping.crop_flips); encoded JPEGs (image
        folders, TFDS JPEG features) decode only each crop's window plus the resampling
        filter's margin (cropping.crops_of_jpeg: the same windows and weights as a full
        decode), other formats are decoded whole
-    -> batch -> cropped_views per batch (jitter, grayscale, blur, flip) -> prefetch
+    -> batch -> cropped_views per batch (jitter, grayscale, blur) -> prefetch
 
 With cfg.augment_on = "device" (view_assembly.augment_on_device) each path stops after the
 crops: batches hold the views' uint8 crops, and the model's ViewAugmentation
@@ -294,10 +295,14 @@ def make_pretrain_dataset(cfg, batch_size, input_context=None, steps_per_epoch=N
         # Encoded: JPEGs decode only each crop's window (the same crops, see
         # cropping.crops_of_jpeg), other formats are decoded whole.
         crops_of = cropping.crops_of_encoded if encoded else cropping.crops_of_image
-        crops = {"views": crops_of(image, 2, image_size, scale, spec.crop_ratio, view_seed)}
+        # Each crop mirrored with p = 0.5, drawn from its seed apart from its box
+        # (cropping.crop_flips): the recipe's flip, made by the resampling for free.
+        crops = {"views": crops_of(image, 2, image_size, scale, spec.crop_ratio, view_seed,
+                                   cropping.crop_flips(view_seed, 2))}
         if multi_crop:
             crops["local"] = crops_of(image, cfg.num_local_crops, cfg.local_crop_size,
-                                      cfg.local_crop_scale, spec.crop_ratio, local_seed)
+                                      cfg.local_crop_scale, spec.crop_ratio, local_seed,
+                                      cropping.crop_flips(local_seed, cfg.num_local_crops))
         return crops
 
     if kind == "stream":

@@ -1,10 +1,11 @@
 """The two augmentation recipes of WCL (docs/method.md section 4.1) and the stateless draws
 that every augmentation step takes from a seed.
 
-Order of a view, as in the SimCLR and MoCo v2 recipes of the authors' code (torchvision):
-random resized crop (wcl_tf.data.cropping) -> colour jitter (p) -> grayscale (p) ->
-Gaussian blur (p, only with blur=True; 32-px data has none) -> horizontal flip
-(wcl_tf.data.photometric); wcl_tf.data.view_assembly puts a view together. WEAK versus
+Order of a view: random resized crop and horizontal flip, in one resampling
+(wcl_tf.data.cropping) -> colour jitter (p) -> grayscale (p) -> Gaussian blur (p, only with
+blur=True; 32-px data has none) (wcl_tf.data.photometric); wcl_tf.data.view_assembly puts
+a view together. The authors' SimCLR recipe flips right after the crop, their MoCo v2
+recipe last; the flip commutes with the other steps (docs/method.md section 4.1). WEAK versus
 STRONG is chosen per batch by selecting the numbers of the recipe (select_spec), so it costs
 nothing: no tf.cond, no second view.
 

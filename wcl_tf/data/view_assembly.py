@@ -20,7 +20,7 @@ import tensorflow as tf
 from wcl_tf.config import AUGMENT_ON
 from wcl_tf.data.cropping import random_resized_crop
 from wcl_tf.data.photometric import blur_kernel_size, photometric
-from wcl_tf.data.recipe import STRONG, WEAK, _split, select_spec
+from wcl_tf.data.recipe import STRONG, WEAK, _split, _uniform, select_spec
 
 
 def augment_on_device(augment_on):
@@ -36,13 +36,23 @@ def augment_on_device(augment_on):
 
 
 def view_crop(images_uint8, spec, seed, output_size):
-    """The crop of a view: random_resized_crop of (b, S, S, 3) images with the crop part of
-    a view's seed (as ViewAugmenter draws it); float32 (b, output_size, output_size, 3) in
-    [0, 1]."""
-    crop_seed = _split(seed, 7)[0]
+    """The crop of a view, horizontal flip included: random_resized_crop of (b, S, S, 3)
+    images with the crop part of a view's seed (as ViewAugmenter draws it), mirrored
+    where the flip part's draw (p = 0.5 per image) says; float32 (b, output_size,
+    output_size, 3) in [0, 1].
+
+    The view's seed splits in 7 as photometric splits it: the first part draws the box,
+    the seventh the flip (the draw photometric made when it flipped after the blur, so
+    the flips are those of that order; the flip commutes with jitter, grayscale and blur,
+    docs/method.md section 4.1). Mirroring in the crop's resampling costs nothing; a
+    separate flip of the float views cost about 1.6 ms of CPU per image at 224 px (two
+    views, one loaded thread; docs/performance.md)."""
+    seeds = _split(seed, 7)
+    crop_seed, flip_seed = seeds[0], seeds[6]
     images = tf.cast(images_uint8, tf.float32) / 255.0
+    flip = _uniform([tf.shape(images)[0]], flip_seed, 0.0, 1.0) < 0.5
     return random_resized_crop(images, output_size, spec.crop_scale, spec.crop_ratio,
-                               crop_seed)
+                               crop_seed, flip=flip)
 
 
 class ViewAugmenter:
@@ -68,8 +78,9 @@ class ViewAugmenter:
                              f"images, got {images.shape}: resize before batching.")
 
     def __call__(self, images_uint8, spec, seed, crop=True, static_shapes=False):
-        """crop=False: the images are crops already (crops_of_image), of the output size;
-        everything after the crop is applied. static_shapes: see photometric.color_jitter."""
+        """crop=False: the images are crops already (crops_of_image, flipped there), of
+        the output size; everything after the crop and flip is applied. static_shapes:
+        see photometric.color_jitter."""
         self._check(images_uint8, self.image_size if crop else self.output_size)
         if crop:
             images = view_crop(images_uint8, spec, seed, self.output_size)
@@ -81,8 +92,9 @@ class ViewAugmenter:
         return images
 
     def crop_only(self, images_uint8, spec, seed):
-        """The view's crop alone, rounded to uint8 (b, output_size, output_size, 3): what
-        the host hands the device when photometric augmentation runs in train_step."""
+        """The view's crop (flip included) alone, rounded to uint8 (b, output_size,
+        output_size, 3): what the host hands the device when photometric augmentation runs
+        in train_step."""
         self._check(images_uint8, self.image_size)
         crops = view_crop(images_uint8, spec, seed, self.output_size)
         crops = tf.cast(tf.clip_by_value(tf.round(crops * 255.0), 0.0, 255.0), tf.uint8)
@@ -123,8 +135,8 @@ def multi_crop_views(images_uint8, strong, image_size, num_local, local_size,
                      seed=None, strong_spec=STRONG, weak_spec=WEAK):
     """Two global views plus num_local small crops per image (docs/method.md section 6).
 
-    Global views use crop scale `global_scale`, local crops `local_scale`; colour, blur
-    and flip follow the selected recipe for all of them. Returns a dict:
+    Global views use crop scale `global_scale`, local crops `local_scale`; flip, colour
+    and blur follow the selected recipe for all of them. Returns a dict:
     view_1, view_2: float32 (b, S, S, 3); local: float32 (b, M, L, L, 3).
     """
     if seed is None:
@@ -149,8 +161,9 @@ def multi_crop_views(images_uint8, strong, image_size, num_local, local_size,
 
 def cropped_views(crops, strong, image_size, local_size=None, blur=False, seed=None,
                   strong_spec=STRONG, weak_spec=WEAK, static_shapes=False):
-    """The rest of the recipe (jitter, grayscale, blur, flip) on views already cropped from
-    the full-resolution images (crops_of_image, in the input pipeline).
+    """The rest of the recipe (jitter, grayscale, blur) on views already cropped and
+    flipped from the full-resolution images (crops_of_image with crop_flips, in the input
+    pipeline).
 
     crops: {"view_1", "view_2": uint8 (b, S, S, 3)[, "local": uint8 (b, M, L, L, 3)]}.
     Returns the same keys as float32 in [0, 1], like two_views / multi_crop_views.

@@ -5,7 +5,7 @@ from wcl_tf.tools.benchmark import pipeline, step, timing
 
 def bench_gpu(cfg, batch, jit_compile, warmup, repeats):
     """The train step's images/s at `batch` images with device-side augmentation (uint8
-    crops in, jitter/grayscale/blur/flip in the step), the host pipeline's images/s
+    crops in, jitter/grayscale/blur in the step), the host pipeline's images/s
     (decode + crops only) with all the machine's cores, and their ratio; the host-only
     recipe's images/s too, for the comparison. Meant for one GPU (see
     docs/performance.md for the command); on a CPU it runs the same way and says so."""

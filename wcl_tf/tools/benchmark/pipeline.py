@@ -124,7 +124,7 @@ def bench_ops(cfg, batch, warmup, repeats):
 
 
 def bench_photometric(cfg, batch, threads, warmup, repeats):
-    """The recipe after the crop (jitter p=0.8, grayscale, [blur,] flip: what the device
+    """The recipe after the crop and flip (jitter p=0.8, grayscale, [blur]: what the device
     runs with --augment_on=device), ms per view: the host form (each op on the images drawn
     for it) and the static-shape form (XLA, TPUs), on one batch of uint8 crops, with
     `threads` intra-op threads (1: per core; 0: all)."""
