@@ -1,6 +1,7 @@
 """The photometric steps of a view, after its crop, on float (b, S, S, 3) batches in [0, 1]:
-torchvision's colour jitter, grayscale, Gaussian blur and horizontal flip, each applied per
-image with its probability (photometric() runs them in the recipe's order).
+torchvision's colour jitter and grayscale, Pillow's Gaussian blur (the authors') and the
+horizontal flip, each applied per image with its probability (photometric() runs them in
+the recipe's order).
 
 keras-cv 0.9.0 / Keras 3.15 versus plain TF, measured on this project's shared 2-core CPU
 box: batch 64 of 32x32 images inside `tf.data.Dataset.map`, images/s (best of 3-4 repeats;
@@ -13,7 +14,7 @@ the box was shared, so +-30%; where two runs differed, both):
                              RandomApply(gray)    23,100
     Gaussian blur (p=0.5)    RandomGaussianBlur   19,300-  per-image depthwise  17,200- TF (2)
                                + mask             27,000     conv + mask        26,200
-      224 px, batch 16, k=23                      520-600                      495-520
+      224 px, batch 16, k=23 (4)                  520-600                      495-520
     horizontal flip          keras RandomFlip     24,600   tf.where(reverse)    23,000  TF (3)
     (identity map: 157,000-232,000.) The same comparison at 224 px and 32 px with the
     current code: `python tools/benchmark.py ops` (docs/performance.md).
@@ -22,11 +23,15 @@ the box was shared, so +-30%; where two runs differed, both):
     range instead of x U(0.2, 1.8)), per-channel contrast mean, saturation sampled
     through x / (1 - x), fixed order. This file's jitter has torchvision's meaning
     and per-image random order at the same speed (fixed order would be ~12,000).
-(2) RandomGaussianBlur pads with zeros (torchvision reflects), so a blurred view has
+(2) RandomGaussianBlur samples a Gaussian and pads with zeros, so a blurred view has
     a slightly darker frame a few pixels wide, and it draws sigma from its own layer
-    generator, which no per-batch seed reaches. gaussian_blur below reflects and takes
-    sigma from the stateless seed; only ImageNet-sized runs blur.
+    generator, which no per-batch seed reaches. gaussian_blur below is the authors'
+    blur, Pillow's box passes with their edge repeats, and takes sigma from the
+    stateless seed; only ImageNet-sized runs blur.
 (3) Same speed within noise; the stateless mask makes views reproducible (--seed).
+(4) Measured with torchvision's blur (sampled Gaussian, reflect padding, 23 taps at
+    224 px), which gaussian_blur was before it became Pillow's (13 taps, 1.35-1.39x
+    faster for 16 images of 224 px: docs/performance.md, "The authors' blur").
 RandomApply runs its layer image by image (tf.map_fn): a per-image mask from the
 stateless seed is used instead (apply_with_prob, _on_chosen).
 """
@@ -257,7 +262,8 @@ def _box_radius(sigma):
     sigma2 = tf.square(sigma) / 3.0
     length = tf.sqrt(12.0 * sigma2 + 1.0)
     l = tf.floor((length - 1.0) / 2.0)
-    a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - tf.square(l + 1.0)))
+    a = ((2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2)
+         / (6.0 * (sigma2 - tf.square(l + 1.0))))
     return l, a
 
 
@@ -323,15 +329,18 @@ def gaussian_blur(images, sigma, max_sigma=BLUR_SIGMA[1]):
 
     Pillow does not sample a Gaussian: per axis it runs three box passes of radius l + a
     (_box_radius), each repeating the edge pixels. For sigma <= 2, l is 0 or 1, and the
-    three passes are one symmetric kernel of 13 taps (7 for sigma < sqrt(2)), whatever the
-    image size (torchvision's GaussianBlur, which this function was before, needed 23 taps
-    at 224 px). Edges are Pillow's exactly: the kernel runs on the interior without
-    padding, and the 6 rows or columns at each border, which the per-pass edge repeats
-    change, are the exact three-pass operator (a 6 x 12 matrix per image) on the 12 at
-    the border; the concatenation costs what a padding did (31 against 30 ms for 16
-    images of 224 px, one thread). Floats throughout: Pillow rounds to uint8 after each
-    of its six passes and weighs in 24-bit fixed point, so on uint8 images it differs
-    from this by up to a few grey levels (tests/test_pillow_blur.py).
+    three passes are one symmetric kernel of 13 taps (7 non-zero for sigma < sqrt(2)),
+    whatever the image size (torchvision's GaussianBlur, which this function was before,
+    needed 23 taps at 224 px). Edges are Pillow's exactly: the kernel runs on the interior
+    without padding, and the 6 rows or columns at each border, which the per-pass edge
+    repeats change, are the exact three-pass operator (a 6 x 12 matrix per image) on the
+    12 at the border. One edge-repeat pad before the kernel would differ within 2 (l + 1)
+    pixels of the border (by up to 0.086 on random images), and cost about as much
+    (prototype, 16 images of 224 px, one thread: 30.1-30.5 ms against 30.9-31.8 for the
+    exact borders). Sides of at most 13 pixels take the whole three-pass matrix. Floats
+    throughout: Pillow rounds to uint8 after each of its six passes (and weighs in 24-bit
+    fixed point), so on uint8 images the two differ by at most 3 grey levels, 6 x 0.5
+    (tests/test_pillow_blur.py). A side unknown when traced must be at least 12 pixels.
 
     One separable depthwise convolution for the whole batch: the images are laid side by
     side as the channels of a single image, each with its own kernel.
@@ -343,7 +352,8 @@ def gaussian_blur(images, sigma, max_sigma=BLUR_SIGMA[1]):
     reach = 3 * half
     weights = {}
     for side in (images.shape[1], images.shape[2]):
-        # A side unknown when traced is taken to be longer than 2 reach + 1 pixels.
+        # A side unknown when traced takes the kernel-and-borders form (so it must be at
+        # least 2 reach pixels).
         n = min(side or 2 * reach + 1, 2 * reach + 1)
         if n not in weights:
             one = _pass_matrices(sigma, half, n)
