@@ -198,7 +198,7 @@ def test_host_batches_into_a_device_model_fail_clearly():
 @pytest.mark.parametrize("layer", [
     augment_layers.ColorJitter(0.4, 0.4, 0.4, 0.1, probability=0.8, seed=1),
     augment_layers.RandomGrayscale(0.2, seed=1),
-    augment_layers.RandomGaussianBlur(5, probability=0.5, seed=1),
+    augment_layers.RandomGaussianBlur(probability=0.5, seed=1),
     augment_layers.RandomHorizontalFlip(seed=1),
 ])
 def test_single_op_layers_in_a_users_model(layer, tmp_path):
@@ -229,8 +229,8 @@ def test_ops_on_chosen_rows_only_equal_the_select_path(prob):
                                blur_prob=prob)
     images = tf.cast(_colour_crops(6, S), tf.float32) / 255.0
     seed = tf.constant([8, 1], tf.int64)
-    rows = photometric.photometric(images, spec, seed, blur_kernel=5)
-    select = photometric.photometric(images, spec, seed, blur_kernel=5, static_shapes=True)
+    rows = photometric.photometric(images, spec, seed, blur=True)
+    select = photometric.photometric(images, spec, seed, blur=True, static_shapes=True)
     np.testing.assert_allclose(rows.numpy(), select.numpy(), atol=1e-5)
     if prob == 0.0:  # Nothing drawn (the flip is the crop's): every image is itself.
         np.testing.assert_array_equal(rows.numpy(), images.numpy())

@@ -2,12 +2,12 @@
 independent NumPy reference: colorsys for the hue rotation, torchvision's meaning for the
 blends (brightness blends with black, contrast with the mean of the ITU-R 601 gray image,
 saturation with each pixel's gray level, clamp to [0, 1] after each operation, per-image
-random order), np.pad(mode="reflect") and a separable Gaussian for the blur.
+random order), and Pillow's box passes for the blur (pillow_blur_reference.py).
 
 The draws (factors, order, masks, sigma) are taken from wcl_tf's own draw functions, so
 these tests check the formulas of the channel-plane jitter, the hue shift, keras-cv's
-grayscale and the concatenated reflect padding, in the host form, the static-shape form
-and under XLA.
+grayscale and the blur, in the host form, the static-shape form and under XLA (the
+blur alone: test_pillow_blur.py).
 """
 
 import colorsys
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from pillow_blur_reference import pillow_blur
 from wcl_tf.data import photometric, recipe
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float64)
@@ -58,19 +59,7 @@ def _jitter_reference(images, blend_factors, hue_shift, order):
     return np.stack(out) if out else images.astype(np.float64)
 
 
-def _blur_reference(image, kernel_size, sigma):
-    half = kernel_size // 2
-    x = np.arange(-half, half + 1, dtype=np.float64)
-    kernel = np.exp(-x ** 2 / (2.0 * sigma ** 2))
-    kernel /= kernel.sum()
-    padded = np.pad(image.astype(np.float64), [(half, half), (half, half), (0, 0)],
-                    mode="reflect")
-    height, width = image.shape[:2]
-    rows = sum(kernel[i] * padded[i:i + height] for i in range(kernel_size))
-    return sum(kernel[i] * rows[:, i:i + width] for i in range(kernel_size))
-
-
-def _photometric_reference(images, spec, seed, blur_kernel):
+def _photometric_reference(images, spec, seed, blur):
     """photometric's recipe with its draws, in NumPy."""
     _, jitter_seed, jitter_p_seed, gray_p_seed, blur_p_seed, sigma_seed, _ = recipe._split(
         seed, 7)
@@ -82,11 +71,11 @@ def _photometric_reference(images, spec, seed, blur_kernel):
     out[jitter] = _jitter_reference(images[jitter], *[d[jitter] for d in draws])
     gray = photometric._chosen(spec.grayscale_prob, gray_p_seed, b).numpy()
     out[gray] = (out[gray] * KERAS_CV_LUMA).sum(-1, keepdims=True)
-    if blur_kernel:
+    if blur:
         sigma = recipe._uniform([b], sigma_seed, *recipe.BLUR_SIGMA).numpy()
-        blur = photometric._chosen(spec.blur_prob, blur_p_seed, b).numpy()
-        for i in np.flatnonzero(blur):
-            out[i] = _blur_reference(out[i], blur_kernel, sigma[i])
+        chosen = photometric._chosen(spec.blur_prob, blur_p_seed, b).numpy()
+        for i in np.flatnonzero(chosen):
+            out[i] = pillow_blur(out[i], sigma[i])
     # No flip: the crop makes it (view_assembly.view_crop, cropping.crop_flips).
     return np.clip(out, 0.0, 1.0)
 
@@ -114,22 +103,13 @@ def test_hue_shift_matches_colorsys_and_keeps_gray_pixels():
 
 
 @pytest.mark.parametrize("static_shapes", [False, True])
-@pytest.mark.parametrize("blur_kernel", [None, 5])
-def test_photometric_matches_the_numpy_reference(static_shapes, blur_kernel):
-    images = _images(16, 8, 10, seed=2)
+@pytest.mark.parametrize("blur", [False, True])
+def test_photometric_matches_the_numpy_reference(static_shapes, blur):
+    images = _images(16, 8, 14, seed=2)  # the blur's two forms: 8 rows <= 12 < 14 columns
     seed = tf.constant([3, 1], tf.int64)
-    out = photometric.photometric(tf.constant(images), recipe.STRONG, seed, blur_kernel,
+    out = photometric.photometric(tf.constant(images), recipe.STRONG, seed, blur,
                                   static_shapes=static_shapes).numpy()
-    expected = _photometric_reference(images, recipe.STRONG, seed, blur_kernel)
-    np.testing.assert_allclose(out, expected, atol=1e-5)
-
-
-@pytest.mark.parametrize("kernel_size", [3, 5, 23])
-def test_gaussian_blur_reflects_as_numpy(kernel_size):
-    images = _images(3, 13, 24, seed=3)  # the kernel's half is at most height - 1
-    sigma = np.array([0.1, 0.9, 2.0], np.float32)
-    out = photometric.gaussian_blur(tf.constant(images), kernel_size, tf.constant(sigma)).numpy()
-    expected = np.stack([_blur_reference(i, kernel_size, s) for i, s in zip(images, sigma)])
+    expected = _photometric_reference(images, recipe.STRONG, seed, blur)
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
@@ -142,11 +122,11 @@ def test_photometric_in_tf_data_with_unknown_batch_and_no_image_drawn():
         for static_shapes in (False, True):
             ds = tf.data.Dataset.from_tensor_slices(images).batch(3).map(
                 lambda x, spec=spec, s=static_shapes: photometric.photometric(
-                    x, spec, seed, 5, static_shapes=s))
+                    x, spec, seed, True, static_shapes=s))
             assert ds.element_spec.shape.as_list() in ([None, 8, 8, 3], [3, 8, 8, 3])
             for batch, out in zip((images[:3], images[3:]), ds.as_numpy_iterator()):
                 np.testing.assert_allclose(
-                    out, _photometric_reference(batch, spec, seed, 5), atol=1e-5)
+                    out, _photometric_reference(batch, spec, seed, True), atol=1e-5)
 
 
 def test_static_jitter_under_xla_matches_the_numpy_reference():
@@ -170,6 +150,6 @@ def test_static_batch_size_is_kept():
         jitter = tf.function(lambda x, sd, s=static_shapes: photometric.color_jitter(
             x, 0.8, 0.8, 0.8, 0.2, sd, static_shapes=s))
         view = tf.function(lambda x, sd, s=static_shapes: photometric.photometric(
-            x, recipe.STRONG, sd, 3, static_shapes=s))
+            x, recipe.STRONG, sd, True, static_shapes=s))
         for fn in (jitter, view):
             assert fn.get_concrete_function(images, seed).output_shapes == [4, 6, 6, 3]

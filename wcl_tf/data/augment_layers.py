@@ -126,23 +126,28 @@ class RandomGrayscale(_RandomLayer):
 
 @keras.saving.register_keras_serializable(package="wcl_tf")
 class RandomGaussianBlur(_RandomLayer):
-    """torchvision GaussianBlur with reflect padding and sigma ~ U(sigma), per image."""
+    """Pillow's GaussianBlur (the authors' blur, photometric.gaussian_blur) with
+    sigma ~ U(sigma), per image; its kernel spans 13 pixels for sigma up to 2."""
 
-    def __init__(self, kernel_size=23, sigma=recipe.BLUR_SIGMA, probability=0.5, **kwargs):
+    def __init__(self, sigma=recipe.BLUR_SIGMA, probability=0.5, **kwargs):
         super().__init__(probability=probability, **kwargs)
-        if int(kernel_size) % 2 != 1:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        self.kernel_size = int(kernel_size)
         self.sigma = tuple(float(s) for s in sigma)
 
     def _transform(self, images, seed):
         sigma = tf.random.stateless_uniform([tf.shape(images)[0]], seed, *self.sigma)
-        return photometric.gaussian_blur(images, self.kernel_size, sigma)
+        return photometric.gaussian_blur(images, sigma, max_sigma=self.sigma[1])
 
     def get_config(self):
         config = super().get_config()
-        config.update({"kernel_size": self.kernel_size, "sigma": list(self.sigma)})
+        config.update({"sigma": list(self.sigma)})
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Configs saved before the blur became Pillow's have a kernel_size (torchvision's,
+        # about 10% of the side); the kernel now follows from sigma alone.
+        config = {k: v for k, v in config.items() if k != "kernel_size"}
+        return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package="wcl_tf")

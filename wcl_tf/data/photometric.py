@@ -1,9 +1,10 @@
 """The photometric steps of a view, after its crop, on float (b, S, S, 3) batches in [0, 1]:
-torchvision's colour jitter, grayscale and Gaussian blur, each applied per image with its
-probability (photometric() runs them in the recipe's order). The recipe's horizontal flip
-is made by the crop (cropping.random_resized_crop's and crops_of_image's flip): a mirrored
-resampling costs nothing, flip_left_right below about 1.6 ms per image (two 224-px views,
-one loaded thread; docs/performance.md, "The horizontal flip made by the crop").
+torchvision's colour jitter and grayscale and Pillow's Gaussian blur (the authors'), each
+applied per image with its probability (photometric() runs them in the recipe's order). The
+recipe's horizontal flip is made by the crop (cropping.random_resized_crop's and
+crops_of_image's flip): a mirrored resampling costs nothing, flip_left_right below about
+1.6 ms per image (two 224-px views, one loaded thread; docs/performance.md, "The horizontal
+flip made by the crop").
 
 keras-cv 0.9.0 / Keras 3.15 versus plain TF, measured on this project's shared 2-core CPU
 box: batch 64 of 32x32 images inside `tf.data.Dataset.map`, images/s (best of 3-4 repeats;
@@ -16,7 +17,7 @@ the box was shared, so +-30%; where two runs differed, both):
                              RandomApply(gray)    23,100
     Gaussian blur (p=0.5)    RandomGaussianBlur   19,300-  per-image depthwise  17,200- TF (2)
                                + mask             27,000     conv + mask        26,200
-      224 px, batch 16, k=23                      520-600                      495-520
+      224 px, batch 16, k=23 (4)                  520-600                      495-520
     horizontal flip          keras RandomFlip     24,600   tf.where(reverse)    23,000  TF (3)
     (identity map: 157,000-232,000.) The same comparison at 224 px and 32 px with the
     current code: `python tools/benchmark.py ops` (docs/performance.md).
@@ -25,12 +26,16 @@ the box was shared, so +-30%; where two runs differed, both):
     range instead of x U(0.2, 1.8)), per-channel contrast mean, saturation sampled
     through x / (1 - x), fixed order. This file's jitter has torchvision's meaning
     and per-image random order at the same speed (fixed order would be ~12,000).
-(2) RandomGaussianBlur pads with zeros (torchvision reflects), so a blurred view has
+(2) RandomGaussianBlur samples a Gaussian and pads with zeros, so a blurred view has
     a slightly darker frame a few pixels wide, and it draws sigma from its own layer
-    generator, which no per-batch seed reaches. gaussian_blur below reflects and takes
-    sigma from the stateless seed; only ImageNet-sized runs blur.
+    generator, which no per-batch seed reaches. gaussian_blur below is the authors'
+    blur, Pillow's box passes with their edge repeats, and takes sigma from the
+    stateless seed; only ImageNet-sized runs blur.
 (3) Same speed within noise; the stateless mask makes views reproducible (--seed). The
     recipe no longer runs it: the crops are mirrored as they are resampled (see above).
+(4) Measured with torchvision's blur (sampled Gaussian, reflect padding, 23 taps at
+    224 px), which gaussian_blur was before it became Pillow's (13 taps, 1.35-1.39x
+    faster for 16 images of 224 px: docs/performance.md, "The authors' blur").
 RandomApply runs its layer image by image (tf.map_fn): a per-image mask from the
 stateless seed is used instead (apply_with_prob, _on_chosen).
 """
@@ -38,6 +43,7 @@ stateless seed is used instead (apply_with_prob, _on_chosen).
 import functools
 
 import keras_cv
+import numpy as np
 import tensorflow as tf
 
 from wcl_tf.data.recipe import BLUR_SIGMA, _split, _uniform
@@ -234,8 +240,7 @@ def _on_chosen(chosen, images, transform, per_image=(), static_shapes=False):
         return tf.tensor_scatter_nd_update(images, rows,
                                            transform(tf.gather_nd(images, rows), *picked))
 
-    # No row chosen: nothing to compute (some ops, e.g. the blur's reflect pad, refuse
-    # an empty batch).
+    # No row chosen: nothing to compute.
     return tf.cond(tf.reduce_any(chosen), apply, lambda: images)
 
 
@@ -257,57 +262,130 @@ def flip_left_right(images, flip):
     return tf.gather(images, columns, axis=2, batch_dims=1)
 
 
-def _reflect_pad(images, half, axis):
-    """Reflect padding of `half` along one spatial axis (1 or 2) of (1, H, W, C): the
-    mirrored edges concatenated to the image. Same values as tf.pad(mode="REFLECT"),
-    whose CPU kernel is slow: padding both axes with it costs 0.6-0.75 ms per view (batch
-    32 of 224 px, k = 23, one thread), about as much as the two convolutions; the two
-    concatenations here 0.36 together (tf.reverse of slices instead of the gathers: the
-    same)."""
-    size = tf.shape(images)[axis]
-    first = tf.gather(images, tf.range(half, 0, -1), axis=axis)
-    last = tf.gather(images, tf.range(size - 2, size - 2 - half, -1), axis=axis)
-    return tf.concat([first, images, last], axis)
+def _box_radius(sigma):
+    """Pillow's box radius l + a for a Gaussian of std sigma in 3 passes
+    (src/libImaging/BoxBlur.c, _gaussian_blur_radius, after Gwosdek et al. 2011): the
+    variance of a pass is sigma^2 / 3, l the integer part of the box radius, a in [0, 1)
+    the weight of the two taps at +-(l + 1). Returns (l, a), each shaped as sigma."""
+    sigma2 = tf.square(sigma) / 3.0
+    length = tf.sqrt(12.0 * sigma2 + 1.0)
+    l = tf.floor((length - 1.0) / 2.0)
+    a = ((2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2)
+         / (6.0 * (sigma2 - tf.square(l + 1.0))))
+    return l, a
 
 
-def gaussian_blur(images, kernel_size, sigma):
-    """torchvision GaussianBlur: per-image sigma (b,), odd kernel_size, reflect padding.
+def _box_half(max_sigma):
+    """Half-width l + 1 of the widest pass for sigma <= max_sigma (2 for 2.0)."""
+    sigma2 = float(max_sigma) ** 2 / 3.0
+    return int(((12.0 * sigma2 + 1.0) ** 0.5 - 1.0) // 2) + 1
+
+
+def blur_kernel_size(max_sigma=BLUR_SIGMA[1]):
+    """Taps of gaussian_blur's kernel per axis (three passes of half-width l + 1): 13 for
+    sigma up to 2, whatever the image size."""
+    return 6 * _box_half(max_sigma) + 1
+
+
+def _pass_matrices(sigma, half, n):
+    """(b, n, n): one box pass of Pillow's blur on a line of n pixels, edge pixels repeated
+    (the clamped indices of ImagingLineBoxBlur), as a matrix per image. Taps: 1 / (2 r + 1)
+    for |t| <= l, a / (2 r + 1) at |t| = l + 1 (r = l + a; Pillow's ww and fw in float)."""
+    l, a = _box_radius(sigma)
+    inner = 1.0 / (2.0 * (l + a) + 1.0)
+    far = (1.0 - (2.0 * l + 1.0) * inner) / 2.0
+    taps = np.abs(np.arange(-half, half + 1, dtype=np.float32))
+    weights = tf.where(taps[None] <= l[:, None], inner[:, None],
+                       tf.where(taps[None] == l[:, None] + 1.0, far[:, None], 0.0))
+    onehot = np.zeros((2 * half + 1, n, n), np.float32)
+    for t in range(-half, half + 1):
+        for x in range(n):
+            onehot[t + half, x, min(max(x + t, 0), n - 1)] += 1.0
+    return tf.einsum("bt,txy->bxy", weights, tf.constant(onehot))
+
+
+def _blur_axis(stacked, axis, weights, reach):
+    """The three passes along `axis` (1 rows, 2 columns) of stacked (1, H, W, C) channels.
+
+    weights: (C, n, n), the three passes on an n-pixel line with per-pass edge repeats;
+    reach = 3 (l_max + 1), the composite kernel's half-width. If n is the side (at most
+    2 reach + 1 pixels), weights is the whole operator; else (n = 2 reach + 1) its middle
+    row is the composite kernel (the interior, one depthwise convolution without padding)
+    and its first `reach` rows, over the first 2 reach pixels, the exact border rows (the
+    last ones: the same reversed).
+    """
+    if weights.shape[-1] == stacked.shape[axis]:  # A small side: the whole matrix.
+        return tf.einsum("nhwc,cvh->nvwc" if axis == 1 else "nhwc,cvw->nhvc", stacked, weights)
+    channels = tf.shape(stacked)[3]
+    shape = [2 * reach + 1, 1] if axis == 1 else [1, 2 * reach + 1]
+    kernel = tf.reshape(tf.transpose(weights[:, reach]), shape + [channels, 1])
+    middle = tf.nn.depthwise_conv2d(stacked, kernel, [1, 1, 1, 1], "VALID")
+    border = weights[:, :reach, :2 * reach]
+    if axis == 1:
+        first = tf.einsum("nhwc,cvh->nvwc", stacked[:, :2 * reach], border)
+        last = tf.einsum("nhwc,cvh->nvwc", stacked[:, -2 * reach:], tf.reverse(border, [1, 2]))
+    else:
+        first = tf.einsum("nhwc,cvw->nhvc", stacked[:, :, :2 * reach], border)
+        last = tf.einsum("nhwc,cvw->nhvc", stacked[:, :, -2 * reach:],
+                         tf.reverse(border, [1, 2]))
+    return tf.concat([first, middle, last], axis)
+
+
+def gaussian_blur(images, sigma, max_sigma=BLUR_SIGMA[1]):
+    """Pillow's GaussianBlur(radius=sigma), the authors' blur (mingkai-zheng/WCL
+    data/augmentation.py:8-16), per image: sigma (b,), each at most max_sigma.
+
+    Pillow does not sample a Gaussian: per axis it runs three box passes of radius l + a
+    (_box_radius), each repeating the edge pixels. For sigma <= 2, l is 0 or 1, and the
+    three passes are one symmetric kernel of 13 taps (7 non-zero for sigma < sqrt(2)),
+    whatever the image size (torchvision's GaussianBlur, which this function was before,
+    needed 23 taps at 224 px). Edges are Pillow's exactly: the kernel runs on the interior
+    without padding, and the 6 rows or columns at each border, which the per-pass edge
+    repeats change, are the exact three-pass operator (a 6 x 12 matrix per image) on the
+    12 at the border. One edge-repeat pad before the kernel would differ within 2 (l + 1)
+    pixels of the border (by up to 0.086 on random images), and cost about as much
+    (prototype, 16 images of 224 px, one thread: 30.1-30.5 ms against 30.9-31.8 for the
+    exact borders). Sides of at most 13 pixels take the whole three-pass matrix. Floats
+    throughout: Pillow rounds to uint8 after each of its six passes (and weighs in 24-bit
+    fixed point), so on uint8 images the two differ by at most 3 grey levels, 6 x 0.5
+    (tests/test_pillow_blur.py). A side unknown when traced must be at least 12 pixels.
 
     One separable depthwise convolution for the whole batch: the images are laid side by
-    side as the channels of a single image, each with its own 1-D kernel.
+    side as the channels of a single image, each with its own kernel.
     """
-    b, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
-    half = kernel_size // 2
-    x = tf.range(-half, half + 1, dtype=tf.float32)
-    kernels = tf.exp(-tf.square(x)[None, :] / (2.0 * tf.square(sigma)[:, None]))  # (b, k)
-    kernels /= tf.reduce_sum(kernels, axis=1, keepdims=True)
-    kernels = tf.transpose(tf.repeat(kernels, 3, axis=0))  # (k, b*3), image-major
-    stacked = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, height, width, b * 3])
+    b = tf.shape(images)[0]
+    # Static sides where known (they choose the form of each axis, see _blur_axis).
+    height, width = [images.shape[i] or tf.shape(images)[i] for i in (1, 2)]
+    half = _box_half(max_sigma)
+    reach = 3 * half
+    weights = {}
+    for side in (images.shape[1], images.shape[2]):
+        # A side unknown when traced takes the kernel-and-borders form (so it must be at
+        # least 2 reach pixels).
+        n = min(side or 2 * reach + 1, 2 * reach + 1)
+        if n not in weights:
+            one = _pass_matrices(sigma, half, n)
+            weights[n] = tf.repeat(one @ one @ one, 3, axis=0)  # (b * 3, n, n), image-major
     # b * 3, not -1: an empty batch (no image drawn for blur) has no size to infer.
-    stacked = tf.nn.depthwise_conv2d(_reflect_pad(stacked, half, 1),
-                                     tf.reshape(kernels, [kernel_size, 1, b * 3, 1]),
-                                     [1, 1, 1, 1], "VALID")
-    stacked = tf.nn.depthwise_conv2d(_reflect_pad(stacked, half, 2),
-                                     tf.reshape(kernels, [1, kernel_size, b * 3, 1]),
-                                     [1, 1, 1, 1], "VALID")
-    return tf.transpose(tf.reshape(stacked, [height, width, b, 3]), [2, 0, 1, 3])
+    stacked = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, height, width, b * 3])
+    for axis in (1, 2):
+        n = min(images.shape[axis] or 2 * reach + 1, 2 * reach + 1)
+        stacked = _blur_axis(stacked, axis, weights[n], reach)
+    blurred = tf.transpose(tf.reshape(stacked, [height, width, b, 3]), [2, 0, 1, 3])
+    blurred.set_shape(images.shape)
+    return blurred
 
 
-def blur_kernel_size(image_size):
-    """Odd kernel of about 10% of the image side (SimCLR: 23 px at 224)."""
-    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
-
-
-def photometric(images, spec, seed, blur_kernel=None, grayscale=None, static_shapes=False):
+def photometric(images, spec, seed, blur=False, grayscale=None, static_shapes=False):
     """Everything of the recipe after the crop and flip, on float (b, S, S, 3) images in
     [0, 1]: colour jitter (p = spec.jitter_prob), grayscale (spec.grayscale_prob),
-    Gaussian blur (spec.blur_prob, only when blur_kernel is an odd size).
+    Gaussian blur (spec.blur_prob, only when blur is true; sigma ~ U(BLUR_SIGMA)).
 
     seed: (2,) int tensor; it is split exactly as ViewAugmenter splits a view's seed (the
     first part is the crop's, the seventh the flip's: view_assembly.view_crop draws both),
     so the same crops and seed give the same view whether this runs in tf.data (host) or
     inside train_step (device, wcl_tf.data.augment_layers). The flip commutes with these
-    steps (per-pixel colour, a symmetric blur kernel and reflect padding), so flipping
+    steps (per-pixel colour; the blur's kernel and its edge repeats are symmetric), so flipping
     the crop first gives the views of the former order, flip last.
     grayscale: a callable (b, S, S, 3) -> (b, S, S, 3); keras-cv's Grayscale by default.
     static_shapes: see color_jitter (for XLA-compiled steps and TPUs).
@@ -327,11 +405,10 @@ def photometric(images, spec, seed, blur_kernel=None, grayscale=None, static_sha
     grayscale = grayscale or grayscale_layer()
     images = _on_chosen(_chosen(spec.grayscale_prob, gray_p_seed, b), images, grayscale,
                         static_shapes=static_shapes)
-    if blur_kernel:
+    if blur:
         sigma = _uniform([b], sigma_seed, *BLUR_SIGMA)
-        images = _on_chosen(_chosen(spec.blur_prob, blur_p_seed, b), images,
-                            lambda x, s: gaussian_blur(x, blur_kernel, s), (sigma,),
-                            static_shapes)
+        images = _on_chosen(_chosen(spec.blur_prob, blur_p_seed, b), images, gaussian_blur,
+                            (sigma,), static_shapes)
     return _clip01(images)
 
 

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from wcl_tf.config import AUGMENT_ON
 from wcl_tf.data.cropping import random_resized_crop
-from wcl_tf.data.photometric import blur_kernel_size, photometric
+from wcl_tf.data.photometric import photometric
 from wcl_tf.data.recipe import STRONG, WEAK, _split, _uniform, select_spec
 
 
@@ -70,7 +70,6 @@ class ViewAugmenter:
         # Side of the produced views; smaller than image_size for multi-crop local crops.
         self.output_size = int(output_size or image_size)
         self.blur = bool(blur)
-        self._blur_kernel = blur_kernel_size(self.output_size) if self.blur else None
 
     def _check(self, images, size):
         if tuple(images.shape[1:]) != (size, size, 3):
@@ -86,8 +85,7 @@ class ViewAugmenter:
             images = view_crop(images_uint8, spec, seed, self.output_size)
         else:
             images = tf.cast(images_uint8, tf.float32) / 255.0
-        images = photometric(images, spec, seed, self._blur_kernel,
-                             static_shapes=static_shapes)
+        images = photometric(images, spec, seed, self.blur, static_shapes=static_shapes)
         images.set_shape([images_uint8.shape[0], self.output_size, self.output_size, 3])
         return images
 
