@@ -69,7 +69,8 @@ _HELP = {
     "trust_coefficient": "LARS trust coefficient eta.",
     "steps_per_epoch": "Steps per epoch (0: train examples // global batch).",
     "weak_aug_epochs": "Epochs that use the weaker MoCo v2 augmentation first.",
-    "blur": "Gaussian blur in the augmentation (off for 32 px data).",
+    "blur": "Gaussian blur in the augmentation: Pillow's, as the authors' (p = 0.5, sigma "
+            "U(0.1, 2); off for 32 px data).",
     "augment_on": "Where jitter, grayscale and blur run: host (tf.data), device "
                   "(inside the train step; the host only decodes, crops and flips) or auto "
                   "(device when a GPU/TPU is present).",
