@@ -106,10 +106,10 @@ def test_every_tool_script_launches_the_package_module(tool):
 def test_show_views_defines_its_flags_when_it_runs_not_on_import():
     # Its --dataset and --out are also wcl_tf.train's and the benchmark's flags: a
     # process that imports more than one tool must not fail with DuplicateFlagError.
+    # Only show_views is imported here: wcl_tf.train would define its flags (--model_dir)
+    # for the rest of this test process, where test_run_folder imports the export tool.
     from absl import flags
 
-    import wcl_tf.train  # noqa: F401  (defines --dataset)
-    import wcl_tf.tools.benchmark.cli  # noqa: F401  (defines --out)
     import wcl_tf.tools.show_views  # noqa: F401
 
     assert "wcl_tf.tools.show_views" not in flags.FLAGS.flags_by_module_dict()
