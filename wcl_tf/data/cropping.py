@@ -20,7 +20,7 @@ same comparison at 224 px and 32 px with the current code: `python tools/benchma
 
 import tensorflow as tf
 
-from wcl_tf.data.recipe import _split, _uniform
+from wcl_tf.data.recipe import _chosen, _split, _uniform
 
 # Random resized crop: candidate boxes drawn per image before falling back to a centre
 # crop (torchvision draws up to 10, then takes a centre crop; see crop_boxes).
@@ -72,7 +72,7 @@ def crop_flips(seed, count):
     commutes with the colour steps and the blur, so the crop makes it (docs/method.md
     section 4.1)."""
     flip_seed = tf.random.experimental.stateless_fold_in(seed, _FLIP_STREAM)
-    return _uniform([count], flip_seed, 0.0, 1.0) < 0.5
+    return _chosen(0.5, flip_seed, count)
 
 
 # Resampling of the crops. torchvision resizes the cropped PIL image with PIL's bilinear

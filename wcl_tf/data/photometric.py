@@ -46,7 +46,7 @@ import keras_cv
 import numpy as np
 import tensorflow as tf
 
-from wcl_tf.data.recipe import BLUR_SIGMA, _split, _uniform
+from wcl_tf.data.recipe import BLUR_SIGMA, _chosen, _split, _uniform
 
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
@@ -222,7 +222,7 @@ def _per_image(values):
 
 def apply_with_prob(prob, seed, augmented, images):
     """Per image: `augmented` with probability prob, else `images`."""
-    chosen = _uniform([tf.shape(images)[0]], seed, 0.0, 1.0) < prob
+    chosen = _chosen(prob, seed, tf.shape(images)[0])
     return tf.where(_per_image(chosen), augmented, images)
 
 
@@ -242,11 +242,6 @@ def _on_chosen(chosen, images, transform, per_image=(), static_shapes=False):
 
     # No row chosen: nothing to compute.
     return tf.cond(tf.reduce_any(chosen), apply, lambda: images)
-
-
-def _chosen(prob, seed, count):
-    """(count,) bool, true with probability prob: apply_with_prob's draw."""
-    return _uniform([count], seed, 0.0, 1.0) < prob
 
 
 def flip_left_right(images, flip):

@@ -77,3 +77,9 @@ def _split(seed, num):
 
 def _uniform(shape, seed, low, high):
     return tf.random.stateless_uniform(shape, seed, minval=low, maxval=high, dtype=tf.float32)
+
+
+def _chosen(prob, seed, count):
+    """(count,) bool, true with probability prob: the per-image draw of every step applied
+    with a probability (photometric's, the crop's flip)."""
+    return _uniform([count], seed, 0.0, 1.0) < prob

@@ -20,7 +20,7 @@ import tensorflow as tf
 from wcl_tf.config import AUGMENT_ON
 from wcl_tf.data.cropping import random_resized_crop
 from wcl_tf.data.photometric import photometric
-from wcl_tf.data.recipe import STRONG, WEAK, _split, _uniform, select_spec
+from wcl_tf.data.recipe import STRONG, WEAK, _chosen, _split, select_spec
 
 
 def augment_on_device(augment_on):
@@ -50,7 +50,7 @@ def view_crop(images_uint8, spec, seed, output_size):
     seeds = _split(seed, 7)
     crop_seed, flip_seed = seeds[0], seeds[6]
     images = tf.cast(images_uint8, tf.float32) / 255.0
-    flip = _uniform([tf.shape(images)[0]], flip_seed, 0.0, 1.0) < 0.5
+    flip = _chosen(0.5, flip_seed, tf.shape(images)[0])
     return random_resized_crop(images, output_size, spec.crop_scale, spec.crop_ratio,
                                crop_seed, flip=flip)
 
