@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 from pillow_blur_reference import pillow_blur
-from wcl_tf.data import photometric, recipe
+from wcl_tf.data import photometric, recipe, view_assembly
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float64)
 KERAS_CV_LUMA = np.array([0.2989, 0.5870, 0.1140], np.float64)
@@ -153,3 +153,30 @@ def test_static_batch_size_is_kept():
             x, recipe.STRONG, sd, True, static_shapes=s))
         for fn in (jitter, view):
             assert fn.get_concrete_function(images, seed).output_shapes == [4, 6, 6, 3]
+
+
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_views_stay_in_the_unit_range_without_a_final_clip(static_shapes):
+    """Only the blurred rows are clipped at the end (photometric's closing comment): every
+    other step keeps [0, 1] by itself. Large flat areas of 0 and 1, where a float sum of
+    weights above 1 would show, and every draw of many seeds; crops resampled from uint8
+    images (ViewAugmenter's crop=True path, clipped where they are made) as well."""
+    rng = np.random.default_rng(9)
+    images = _images(32, 24, 24, seed=9)
+    images[:8] = 1.0
+    images[8:16, :12] = 0.0
+    images[16:24] = rng.integers(0, 2, (8, 24, 24, 1)).astype(np.float32)
+    augmenter = view_assembly.ViewAugmenter(24, blur=True)
+    uint8 = tf.constant(np.round(images * 255).astype(np.uint8))
+    for k in range(12):
+        seed = tf.constant([k, 11], tf.int64)
+        for out in (photometric.photometric(tf.constant(images), recipe.STRONG, seed, True,
+                                            static_shapes=static_shapes),
+                    augmenter(uint8, recipe.STRONG, seed, static_shapes=static_shapes),
+                    augmenter(uint8, recipe.STRONG, seed, crop=False,
+                              static_shapes=static_shapes)):
+            out = out.numpy()
+            assert out.min() >= 0.0 and out.max() <= 1.0, (k, out.min(), out.max())
+    # Exact 1.0 survives where nothing moved it (all-white images are fixed points of
+    # every step but brightness), so the range is reached, not only bounded.
+    assert out.max() == 1.0

@@ -79,7 +79,8 @@ def _from_planes(planes):
     return tf.stack(planes, axis=-1)
 
 
-def _clip01(x):
+def clip01(x):
+    """x clipped to [0, 1]."""
     # One ClipByValue kernel: tf.clip_by_value runs minimum then maximum (two passes,
     # 0.34 against 0.28 ms per view on a (32, 224, 224, 3) batch).
     return tf.raw_ops.ClipByValue(t=x, clip_value_min=tf.constant(0.0),
@@ -108,9 +109,9 @@ def _shift_hue(planes, shift):
     # Into [0, 6). tf.math.floormod(hue, 6) costs 0.37-0.43 ms per view on one plane,
     # these three ops 0.07.
     hue -= 6.0 * tf.floor(hue * (1.0 / 6.0))
-    return [v - c * _clip01(2.0 - tf.abs(hue - 3.0)),
-            v - c * _clip01(tf.abs(hue - 2.0) - 1.0),
-            v - c * _clip01(tf.abs(hue - 4.0) - 1.0)]
+    return [v - c * clip01(2.0 - tf.abs(hue - 3.0)),
+            v - c * clip01(tf.abs(hue - 2.0) - 1.0),
+            v - c * clip01(tf.abs(hue - 4.0) - 1.0)]
 
 
 def _jitter_draws(count, brightness, contrast, saturation, hue, seed):
@@ -139,7 +140,7 @@ def _blend(planes, blend_factors, op):
     a = (1.0 - factor) * tf.cast(op == 2, tf.float32)
     c = (1.0 - factor) * tf.cast(op == 1, tf.float32) * tf.reduce_mean(gray, axis=[1, 2])
     target = gray * a[:, None, None] + c[:, None, None]
-    return [_clip01(factor[:, None, None] * x + target) for x in planes]
+    return [clip01(factor[:, None, None] * x + target) for x in planes]
 
 
 def _jitter_planes(planes, blend_factors, hue_shift, order, hue_step):
@@ -382,7 +383,8 @@ def photometric(images, spec, seed, blur=False, grayscale=None, static_shapes=Fa
     inside train_step (device, wcl_tf.data.augment_layers). The flip commutes with these
     steps (per-pixel colour; the blur's kernel and its edge repeats are symmetric), so flipping
     the crop first gives the views of the former order, flip last.
-    grayscale: a callable (b, S, S, 3) -> (b, S, S, 3); keras-cv's Grayscale by default.
+    grayscale: a callable (b, S, S, 3) -> (b, S, S, 3) that keeps [0, 1]; keras-cv's
+    Grayscale by default.
     static_shapes: see color_jitter (for XLA-compiled steps and TPUs).
     Returns float32 (b, S, S, 3) in [0, 1].
     """
@@ -402,9 +404,16 @@ def photometric(images, spec, seed, blur=False, grayscale=None, static_shapes=Fa
                         static_shapes=static_shapes)
     if blur:
         sigma = _uniform([b], sigma_seed, *BLUR_SIGMA)
-        images = _on_chosen(_chosen(spec.blur_prob, blur_p_seed, b), images, gaussian_blur,
-                            (sigma,), static_shapes)
-    return _clip01(images)
+        images = _on_chosen(_chosen(spec.blur_prob, blur_p_seed, b), images,
+                            lambda x, s: clip01(gaussian_blur(x, s)), (sigma,),
+                            static_shapes)
+    # Every step above keeps [0, 1] but the blur, whose float sums may pass 1 by a rounding
+    # error: its rows alone are clipped (the whole batch was until 2026-12-04: a pass over
+    # rows already in range, 0.4 ms of CPU per 224-px view in the host pipeline's profile
+    # with malloc, about 0.07 with wcl_tf/__init__.py's pool; one thread).
+    # The jitter's blends clip, its hue shift stays in [min, max] of the pixel, the luma
+    # weights sum to less than 1; rows no step chose are the input, in [0, 1].
+    return images
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from wcl_tf.config import AUGMENT_ON
 from wcl_tf.data.cropping import random_resized_crop
-from wcl_tf.data.photometric import photometric
+from wcl_tf.data.photometric import clip01, photometric
 from wcl_tf.data.recipe import STRONG, WEAK, _chosen, _split, select_spec
 
 
@@ -82,7 +82,9 @@ class ViewAugmenter:
         see photometric.color_jitter."""
         self._check(images_uint8, self.image_size if crop else self.output_size)
         if crop:
-            images = view_crop(images_uint8, spec, seed, self.output_size)
+            # Resampled floats may pass 1 by a rounding error; photometric keeps [0, 1]
+            # but does not clip rows it leaves alone.
+            images = clip01(view_crop(images_uint8, spec, seed, self.output_size))
         else:
             images = tf.cast(images_uint8, tf.float32) / 255.0
         images = photometric(images, spec, seed, self.blur, static_shapes=static_shapes)
