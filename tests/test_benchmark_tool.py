@@ -144,3 +144,5 @@ def test_pipeline_per_core_rate_with_threads_and_the_host_only_label(tmp_path):
     assert row["images_per_s_per_core"] == row["images_per_s"] > 0
     assert "| host: all of it |" in stdout and "host (host side)" not in stdout
     assert "| 1 / 1 |" in stdout and row["images_per_cpu_s"] > 0
+    # The page faults column, and the report's first line says how host tensors are held.
+    assert row["page_faults_per_image"] >= 0 and "host tensors: BFC pool" in stdout

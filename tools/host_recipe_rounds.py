@@ -2,13 +2,14 @@
 
     python tools/host_recipe_rounds.py --torch_python=/path/to/torch-venv/bin/python \
         --photos=PATH/TO/photos --rounds=4 [--checkout=before:/path/to/other/checkout]
+        [--variant=malloc:TF_CPU_ALLOCATOR_USE_BFC=false]
 
 Each round runs, one after the other and each pinned to the same core (`taskset -c CORE`),
 the torchvision reference (tools/torchvision_reference.py: PIL decode, two SimCLR views
 with Pillow's blur, one thread; its first pass over the files is untimed, the second is
 the round's figure) and `python -m wcl_tf.tools.benchmark pipeline --augment_on=host
 --blur --threads=1` of this checkout (and of each --checkout, to put a before and an
-after into the same rounds). It prints a table of images per second of each process's
+after into the same rounds, and of this checkout with each --variant's environment). It prints a table of images per second of each process's
 CPU time (which other processes on a shared machine do not dilute) and each wcl_tf
 figure's ratio to the round's torchvision figure, with the load average at the start of
 the round.
@@ -49,9 +50,10 @@ def torchvision_rate(torch_python, train_folder, core, image_size, num_images):
     return float(rates[-1])
 
 
-def wcl_tf_rate(checkout, photos, core, image_size, batch_size, repeats):
-    """images per CPU second of the host-only pipeline of the wcl_tf in `checkout`."""
-    env = dict(os.environ, PYTHONPATH=checkout, TF_CPP_MIN_LOG_LEVEL="2")
+def wcl_tf_rate(checkout, photos, core, image_size, batch_size, repeats, extra_env=None):
+    """images per CPU second of the host-only pipeline of the wcl_tf in `checkout`, with
+    `extra_env` added to the environment."""
+    env = dict(os.environ, PYTHONPATH=checkout, TF_CPP_MIN_LOG_LEVEL="2", **(extra_env or {}))
     with tempfile.TemporaryDirectory() as tmp:
         out_json = os.path.join(tmp, "out.json")
         _pinned(core, [sys.executable, "-m", "wcl_tf.tools.benchmark", "pipeline",
@@ -81,20 +83,27 @@ def main():
     parser.add_argument("--checkout", action="append", default=[],
                         help="NAME:PATH of another wcl_tf checkout to time in the same "
                              "rounds (e.g. before:/tmp/main-before); repeatable")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME:VAR=VALUE[,VAR=VALUE...]: this checkout again with these "
+                             "environment variables (e.g. malloc:TF_CPU_ALLOCATOR_USE_BFC="
+                             "false); repeatable")
     args = parser.parse_args()
-    checkouts = [("this", ROOT)] + [tuple(c.split(":", 1)) for c in args.checkout]
+    checkouts = [("this", ROOT, {})] + [(*c.split(":", 1), {}) for c in args.checkout]
+    for variant in args.variant:
+        name, _, assignments = variant.partition(":")
+        checkouts.append((name, ROOT, dict(a.split("=", 1) for a in assignments.split(","))))
     train = os.path.join(args.photos, "train")
     header = ["round", "load average (1 min)", "torchvision"] + [
-        f"wcl_tf {name}" for name, _ in checkouts]
+        f"wcl_tf {name}" for name, _, _ in checkouts]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     for number in range(1, args.rounds + 1):
         load = os.getloadavg()[0]
         reference = torchvision_rate(args.torch_python, train, args.core, args.image_size,
                                      args.num_images)
         cells = [str(number), f"{load:.1f}", f"{reference:.1f}"]
-        for _, path in checkouts:
+        for _, path, extra_env in checkouts:
             rate = wcl_tf_rate(path, args.photos, args.core, args.image_size,
-                               args.batch_size, args.repeats)
+                               args.batch_size, args.repeats, extra_env)
             cells.append(f"{rate:.1f} ({rate / reference:.2f}x)")
         print("| " + " | ".join(cells) + " |", flush=True)
     print(f"\nImages per second of each process's CPU time, on core {args.core}; "

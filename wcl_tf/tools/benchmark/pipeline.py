@@ -183,7 +183,13 @@ def bench_pipeline(cfg, batch, augment, threads, warmup, repeats):
         options.threading.private_threadpool_size = threads
         options.threading.max_intra_op_parallelism = 1
         ds = ds.with_options(options)
-    rate, cpu_rate = images_per_s(iter(ds), batch, 10, 3 + warmup, repeats)
+    iterator = iter(ds)
+    for _ in range(3 + warmup):
+        next(iterator)
+    faults = timing.minor_faults()
+    rate, cpu_rate = images_per_s(iterator, batch, 10, 0, repeats)
+    # Page faults per image of the timed repeats (wcl_tf/__init__.py: the BFC pool).
+    faults = (timing.minor_faults() - faults) / (batch * 10 * repeats)
     cores = min(threads, timing.cores()) if threads else timing.cores()
     row = {"augment": augment, "dataset": cfg.dataset, "image_size": cfg.image_size,
            "blur": cfg.blur, "local_crops": cfg.num_local_crops,
@@ -191,18 +197,20 @@ def bench_pipeline(cfg, batch, augment, threads, warmup, repeats):
            "images_per_s": round(rate, 1), "images_per_s_per_core": round(rate / cores, 1),
            "threads": threads or None, "cores": cores,
            "images_per_cpu_s": round(cpu_rate, 1),
+           "page_faults_per_image": round(faults),
            "augment_on": training.augment_side(cfg)}
     # What the host does: everything (host), or decode and crops for the device's recipe.
     side = ("host: all of it" if row["augment_on"] == "host" or augment != "project"
             else "device (host side: decode + crops)")
     print(f"  {row}", flush=True)
     header = ("| augmentation | on | px | blur | local crops | images/s (each with all its "
-              "views) | threads / cores | per core | per CPU second |\n"
-              "|---|---|---|---|---|---|---|---|---|")
+              "views) | threads / cores | per core | per CPU second | page faults per "
+              "image |\n|---|---|---|---|---|---|---|---|---|---|")
     line = (f"| {row['augment']} | {side} | {row['image_size']} | "
             f"{'yes' if row['blur'] else 'no'} | "
             f"{row['local_crops']}"
             f"{'x' + str(row['local_crop_size']) if row['local_crops'] else ''} | "
             f"{row['images_per_s']:.0f} | {row['threads'] or 'all'} / {cores} | "
-            f"{row['images_per_s_per_core']:.0f} | {row['images_per_cpu_s']:.0f} |")
+            f"{row['images_per_s_per_core']:.0f} | {row['images_per_cpu_s']:.0f} | "
+            f"{row['page_faults_per_image']} |")
     return [row], header + "\n" + line

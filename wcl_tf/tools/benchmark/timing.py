@@ -91,4 +91,11 @@ def machine():
     gpus = tf.config.list_physical_devices("GPU")
     device = (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
               if gpus else f"CPU only, {cores()} cores")
-    return f"{platform.processor() or platform.machine()}, {device}, TensorFlow {tf.__version__}"
+    pool = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "false").lower() in ("true", "1")
+    return (f"{platform.processor() or platform.machine()}, {device}, TensorFlow "
+            f"{tf.__version__}, host tensors: {'BFC pool' if pool else 'malloc'}")
+
+
+def minor_faults():
+    """Minor page faults of this process so far (0 where the OS does not count them)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
