@@ -9,10 +9,10 @@ the torchvision reference (tools/torchvision_reference.py: PIL decode, two SimCL
 with Pillow's blur, one thread; its first pass over the files is untimed, the second is
 the round's figure) and `python -m wcl_tf.tools.benchmark pipeline --augment_on=host
 --blur --threads=1` of this checkout (and of each --checkout, to put a before and an
-after into the same rounds, and of this checkout with each --variant's environment). It prints a table of images per second of each process's
-CPU time (which other processes on a shared machine do not dilute) and each wcl_tf
-figure's ratio to the round's torchvision figure, with the load average at the start of
-the round.
+after into the same rounds, and of this checkout with each --variant's environment). It
+prints a table of images per second of each process's CPU time (which other processes on
+a shared machine do not dilute) and each wcl_tf figure's ratio to the round's torchvision
+figure, with the load average at the start of the round.
 
 PyTorch is not a dependency of wcl_tf: --torch_python is the interpreter of a separate
 virtualenv with torch and torchvision installed. This script starts both as child

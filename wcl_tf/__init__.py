@@ -34,7 +34,7 @@ import os as _os
 # allocation: 4,705 page faults for each (32, 224, 224, 3) float batch made. Measured on
 # this project's 2-core CPU box (docs/performance.md, "Host tensors in TensorFlow's BFC
 # pool"): the ResNet-50 WCL step 1.21-1.33x faster at the same peak memory, the host-only
-# 224-px pipeline's page faults from about 300 to 2 per image. Its limit is the machine's
+# 224-px pipeline's page faults from 405 to 1 per image. Its limit is the machine's
 # physical memory (TensorFlow's default, 64 GB, would refuse allocations that malloc
 # grants on a larger host).
 if "TF_CPU_ALLOCATOR_USE_BFC" not in _os.environ:
