@@ -13,7 +13,7 @@ resource = pytest.importorskip("resource")  # POSIX only.
 # Ten ClipByValue ops on a (32, 224, 224, 3) float batch (19 MB, 4,704 pages); prints the
 # minor page faults per op once the first two have run.
 _FAULTS = """
-import resource, sys
+import os, resource
 import wcl_tf
 import tensorflow as tf
 x = tf.random.uniform([32, 224, 224, 3])
@@ -24,7 +24,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     clip(x)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
-print(__import__("os").environ["TF_CPU_ALLOCATOR_USE_BFC"])
+print(os.environ["TF_CPU_ALLOCATOR_USE_BFC"])
 """
 
 

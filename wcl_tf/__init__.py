@@ -37,14 +37,18 @@ import os as _os
 # 224-px pipeline's page faults from 405 to 1 per image. Its limit is the machine's
 # physical memory (TensorFlow's default, 64 GB, would refuse allocations that malloc
 # grants on a larger host).
-if "TF_CPU_ALLOCATOR_USE_BFC" not in _os.environ:
-    _os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+def _pool_host_tensors(environ):
+    if "TF_CPU_ALLOCATOR_USE_BFC" in environ:
+        return
+    environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
     try:
-        _PHYSICAL_MB = (_os.sysconf("SC_PAGE_SIZE") * _os.sysconf("SC_PHYS_PAGES")) >> 20
+        physical_mb = (_os.sysconf("SC_PAGE_SIZE") * _os.sysconf("SC_PHYS_PAGES")) >> 20
     except (AttributeError, ValueError, OSError):  # Not a POSIX system: keep TF's default.
-        _PHYSICAL_MB = 0
-    if _PHYSICAL_MB:
-        _os.environ.setdefault("TF_CPU_BFC_MEM_LIMIT_IN_MB", str(_PHYSICAL_MB))
+        return
+    environ.setdefault("TF_CPU_BFC_MEM_LIMIT_IN_MB", str(physical_mb))
+
+
+_pool_host_tensors(_os.environ)
 
 
 def __getattr__(name):
